@@ -104,7 +104,7 @@ def arrays_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def state_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     """ArrayRecord holding ``state`` under the same keys."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in state.items()})
 
 
 class UpdateDefense(FedAvg):

@@ -41,7 +41,7 @@ def flame_clusters(distances: np.ndarray, min_cluster_size: int) -> np.ndarray:
         allow_single_cluster=True,
         copy=True,
     )
-    return clusterer.fit_predict(np.ascontiguousarray(distances, dtype=np.float64))
+    return clusterer.fit_predict(np.array(distances, dtype=np.float64, order="C"))
 
 
 def majority_mask(labels: np.ndarray) -> np.ndarray:

@@ -25,6 +25,8 @@ from . import update_math as um
 from .base import Decision, DefenseConfigError, RoundInput, UpdateDefense
 
 SIMILARITY_ON = ("all", "output")
+IDENTICAL_TOL = 1e-6
+"""Histories with cosine similarity above ``1 - IDENTICAL_TOL`` count as identical."""
 
 
 def foolsgold_weights(histories: np.ndarray, kappa: float = 1.0) -> np.ndarray:
@@ -53,6 +55,7 @@ def foolsgold_weights(histories: np.ndarray, kappa: float = 1.0) -> np.ndarray:
         ratio = np.where(v[None, :] > v[:, None], v[:, None] / v[None, :], 1.0)
     cs = cs * ratio
     alpha = np.clip(1.0 - cs.max(axis=1), 0.0, 1.0)
+    alpha[alpha < IDENTICAL_TOL] = 0.0  # float32 round-off must not make clones look distinct
     top = float(alpha.max())
     if not top > 0:
         return np.zeros(k)

@@ -52,7 +52,7 @@ def train_reply(state: dict, node_id: int, num_examples: int = 10, malicious: bo
     """A train reply shaped like the clipfed ClientApp's (with a ground-truth record)."""
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
+            "arrays": ArrayRecord({k: Array(np.array(v, order="C")) for k, v in state.items()}),
             "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.5}),
             "ground-truth": ConfigRecord({"malicious": malicious, "partition-id": node_id}),
         }
@@ -62,7 +62,7 @@ def train_reply(state: dict, node_id: int, num_examples: int = 10, malicious: bo
 
 def prime(strategy, global_state: dict):
     """Give ``strategy`` the global arrays w_t, as ``configure_train`` would."""
-    strategy.current_arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in global_state.items()})
+    strategy.current_arrays = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in global_state.items()})
     return strategy
 
 
