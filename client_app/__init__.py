@@ -1,0 +1,1 @@
+"""The Flower ClientApp: benign clients train locally; malicious ones implant a backdoor."""
