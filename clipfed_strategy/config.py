@@ -1,0 +1,192 @@
+"""CLIP-Fed's settings: typed, validated once, and mapped to flat run-config keys.
+
+Every choice the paper does not confirm is a knob here with a clipfed default (see README,
+"Configuration"). Run-config keys are kebab-case with a group prefix: ``clip-*`` (teacher),
+``sds-*`` (server dataset), ``faug-*`` (frequency augmentation), ``screen-*`` (pre-aggregation),
+``distill-*`` (post-aggregation), ``validate-*`` (reply checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from clipfed_strategy.distillation import DistillConfig
+from clipfed_strategy.screening import METRICS, MODES, RULES
+from clipfed_strategy.validation import ValidationConfig
+
+
+class CLIPFedConfigError(ValueError):
+    """A CLIP-Fed setting is outside its allowed values."""
+
+
+@dataclass
+class ScreeningConfig:
+    """Pre-aggregation screening (README "Screening"; method.md §5).
+
+    Parameters
+    ----------
+    enabled : bool, default True
+    w_collapse, w_kl, w_agree, w_proto : float, defaults 1.0, 0.0, 0.0, 0.0
+        Metric weights in the combined score (0 = off). ``collapse`` is the Non-IID-robust one.
+    T : float, default 1.0
+        Temperature of the client/teacher softmax in ``kl``.
+    soft_collapse : bool, default False
+        Mean probabilities instead of argmax counts in ``collapse``.
+    rule : {"mad", "kmeans2", "threshold"}, default "mad"
+    z_thr, gap, abs_thr : float, defaults 2.5, 1.0, 0.2
+    min_collapse : float, default 0.15
+        A client is only flagged when its collapse also exceeds this absolute value.
+    max_reject_frac : float, default 0.5
+    min_kept, min_clients : int, defaults 1, 3
+    mode : {"drop", "soft"}, default "drop"
+    soft_beta : float, default 1.0
+    clip_norm : {"none", "median"}, default "none"
+        Clip every kept update to the kept clients' median update norm.
+    batched : bool, default True
+        Evaluate the K client models together (``torch.func`` + ``vmap``) instead of in a loop.
+    chunk_size : int, default 16
+        Client models evaluated at once when batched.
+    """
+
+    enabled: bool = True
+    w_collapse: float = 1.0
+    w_kl: float = 0.0
+    w_agree: float = 0.0
+    w_proto: float = 0.0
+    T: float = 1.0
+    soft_collapse: bool = False
+    rule: str = "mad"
+    z_thr: float = 2.5
+    gap: float = 1.0
+    abs_thr: float = 0.2
+    min_collapse: float = 0.15
+    max_reject_frac: float = 0.5
+    min_kept: int = 1
+    min_clients: int = 3
+    mode: str = "drop"
+    soft_beta: float = 1.0
+    clip_norm: str = "none"
+    batched: bool = True
+    chunk_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise CLIPFedConfigError(f"screen-rule is {self.rule!r}; allowed values: {', '.join(RULES)}")
+        if self.mode not in MODES:
+            raise CLIPFedConfigError(f"screen-mode is {self.mode!r}; allowed values: {', '.join(MODES)}")
+        if self.clip_norm not in ("none", "median"):
+            raise CLIPFedConfigError(f"screen-clip-norm is {self.clip_norm!r}; allowed values: none, median")
+        if self.soft_beta <= 0:
+            raise CLIPFedConfigError(f"screen-soft-beta must be > 0, got {self.soft_beta}")
+        if not 0 <= self.max_reject_frac <= 1:
+            raise CLIPFedConfigError(f"screen-max-reject-frac must lie in [0, 1], got {self.max_reject_frac}")
+        if self.chunk_size < 1:
+            raise CLIPFedConfigError(f"screen-chunk-size must be >= 1, got {self.chunk_size}")
+        if all(w == 0 for w in self.weights.values()):
+            raise CLIPFedConfigError(f"at least one of screen-w-{{{','.join(METRICS)}}} must be > 0")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {"collapse": self.w_collapse, "kl": self.w_kl, "agree": self.w_agree, "proto": self.w_proto}
+
+
+@dataclass
+class CLIPFedConfig:
+    """All of CLIP-Fed's settings.
+
+    Parameters
+    ----------
+    screen : ScreeningConfig
+    distill : DistillConfig
+        Post-aggregation distillation; plus ``distill_enabled``, ``distill_start_round``,
+        ``distill_every``, ``distill_head`` ("linear"/"mlp"), ``distill_teacher_input``
+        ("clean": the teacher sees each row's clean source, enforcing trigger invariance; "aug"),
+        ``distill_data`` ("clean+aug", "clean", "aug"), ``distill_proto`` ("text", "image", "mix").
+    validation : ValidationConfig
+    feature_module : str, default ""
+        Dotted name of the module whose output is the penultimate feature; "" = input of the last
+        ``nn.Linear`` (automatic).
+    device : str, default "auto"
+        "auto" = CUDA when present, else CPU.
+    seed : int, default 0
+    """
+
+    screen: ScreeningConfig = field(default_factory=ScreeningConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    distill_enabled: bool = True
+    distill_start_round: int = 1
+    distill_every: int = 1
+    distill_head: str = "linear"
+    distill_teacher_input: str = "clean"
+    distill_data: str = "clean+aug"
+    distill_proto: str = "text"
+    feature_module: str = ""
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("distill_head", ("linear", "mlp")),
+            ("distill_teacher_input", ("clean", "aug")),
+            ("distill_data", ("clean+aug", "clean", "aug")),
+            ("distill_proto", ("text", "image", "mix")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise CLIPFedConfigError(
+                    f"{name.replace('_', '-')} is {getattr(self, name)!r}; allowed values: {', '.join(allowed)}"
+                )
+        if self.distill_every < 1 or self.distill_start_round < 0:
+            raise CLIPFedConfigError("distill-every must be >= 1 and distill-start-round >= 0")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "CLIPFedConfig":
+        """Read ``screen-*``, ``distill-*``, ``validate-*`` and the top-level keys from a flat dict."""
+        def pick(prefix: str, dc: type) -> dict[str, Any]:
+            out = {}
+            for f in dataclasses.fields(dc):
+                key = prefix + f.name.replace("_", "-")
+                alias = {"batch-size": "batch", "weight-decay": "wd"}.get(f.name.replace("_", "-"))
+                for k in (key, prefix + alias if alias else None):
+                    if k and k in run_config:
+                        out[f.name] = _cast(k, run_config[k], f.default)
+            return out
+
+        top = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("screen", "distill", "validation"):
+                continue
+            key = f.name.replace("_", "-")
+            if key in run_config:
+                top[f.name] = _cast(key, run_config[key], f.default)
+        try:
+            distill = DistillConfig(**pick("distill-", DistillConfig))
+        except ValueError as err:
+            raise CLIPFedConfigError(str(err)) from err
+        return cls(
+            screen=ScreeningConfig(**pick("screen-", ScreeningConfig)),
+            distill=distill,
+            validation=ValidationConfig(**pick("validate-", ValidationConfig)),
+            **top,
+        )
+
+
+def _cast(key: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                return value.lower() == "true"
+            return bool(value)
+        if isinstance(default, int):
+            if float(value) != int(value):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise CLIPFedConfigError(f"run-config key '{key}' has value {value!r}, expected a {type(default).__name__}") from None
