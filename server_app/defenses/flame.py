@@ -129,7 +129,9 @@ class Flame(UpdateDefense):
         median_norm = float(np.median(norms)) if k else 0.0
         factors = um.clip_factors(norms, median_norm)
         weights = keep * (rnd.num_examples if self.weight_by_num_examples else 1.0)
-        update = um.weighted_mean(u * factors[:, None].astype(np.float32), weights)
+        if not weights.sum() > 0:  # every kept client reported 0 examples
+            weights = keep.astype(np.float64)
+        update = um.weighted_sum(u, weights * factors / weights.sum())
         sigma = self.noise_lambda * median_norm
         if sigma > 0:
             rng = np.random.default_rng([self.seed, rnd.server_round])

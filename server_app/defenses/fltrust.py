@@ -43,7 +43,7 @@ def fltrust_update(
     norms = um.l2_norms(updates)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(norms > 0, norm0 / norms, 0.0)
-    return (trust * scale / total) @ updates.astype(np.float64, copy=False)
+    return um.weighted_sum(updates, trust * scale / total)
 
 
 class FLTrust(UpdateDefense):

@@ -125,7 +125,7 @@ class FoolsGold(UpdateDefense):
             features = rnd.updates[:, cols]
         for node, row in zip(rnd.node_ids, features):
             if node in self.history and self.history[node].shape == row.shape:
-                self.history[node] = self.history[node] + row
+                self.history[node] += row
             else:
                 self.history[node] = row.copy()
         hist = np.stack([self.history[n] for n in rnd.node_ids])

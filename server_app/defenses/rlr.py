@@ -25,10 +25,17 @@ def effective_threshold(threshold: float, num_clients: int) -> float:
     return float(threshold) if threshold >= 1 else float(threshold) * num_clients
 
 
+def sign_votes(updates: np.ndarray) -> np.ndarray:
+    """``sum_i sign(updates[i])`` per coordinate (float64)."""
+    votes = np.zeros(updates.shape[1], dtype=np.float64)
+    for row in updates:
+        votes += np.sign(row)
+    return votes
+
+
 def robust_learning_rates(updates: np.ndarray, theta: float, eta: float = 1.0) -> np.ndarray:
     """Per-coordinate server learning rate: ``-eta`` where ``|sum sign| < theta``, else ``eta``."""
-    votes = np.abs(np.sign(updates).sum(axis=0, dtype=np.float64))
-    return np.where(votes < theta, -eta, eta)
+    return np.where(np.abs(sign_votes(updates)) < theta, -eta, eta)
 
 
 class RobustLR(UpdateDefense):
@@ -91,14 +98,15 @@ class RobustLR(UpdateDefense):
         """Average the updates and flip the step where signs disagree."""
         k = len(rnd.node_ids)
         theta = effective_threshold(self.threshold, k)
-        lr = robust_learning_rates(rnd.updates, theta, self.server_lr)
+        votes = sign_votes(rnd.updates)
+        lr = np.where(np.abs(votes) < theta, -self.server_lr, self.server_lr)
         weights = rnd.num_examples if self.weight_by_num_examples else np.ones(k)
         update = lr * um.weighted_mean(rnd.updates, weights)
 
         flipped = int((lr < 0).sum())
         fraction = flipped / lr.size if lr.size else 0.0
-        majority = np.sign(np.sign(rnd.updates).sum(axis=0, dtype=np.float64))
-        agree = (np.sign(rnd.updates) == majority).mean(axis=1) if lr.size else np.ones(k)
+        majority = np.sign(votes)
+        agree = np.array([np.mean(np.sign(row) == majority) for row in rnd.updates]) if lr.size else np.ones(k)
         scores = {n: float(a) for n, a in zip(rnd.node_ids, agree)}
         reasons = {n: f"sign agreement {a:.3f}" for n, a in zip(rnd.node_ids, agree)}
         summary = (f"all {k} kept; learning rate -{self.server_lr:g} on {flipped}/{lr.size} "

@@ -116,7 +116,15 @@ def flat_updates(
     base = flatten(global_state, keys)
     out = np.empty((len(client_states), base.size), dtype=np.float32)
     for i, state in enumerate(client_states):
-        out[i] = flatten(state, keys) - base
+        offset = 0
+        for k in keys:
+            size = int(np.size(global_state[k]))
+            np.subtract(
+                np.asarray(state[k], dtype=np.float32).ravel(),
+                base[offset : offset + size],
+                out=out[i, offset : offset + size],
+            )
+            offset += size
     return out
 
 
@@ -181,6 +189,15 @@ def clip_factors(norms: np.ndarray, bound: float) -> np.ndarray:
     return factors
 
 
+def weighted_sum(updates: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """``sum_i c_i * updates[i]`` as a float64 vector, one row at a time (no full copy)."""
+    out = np.zeros(updates.shape[1], dtype=np.float64)
+    for c, row in zip(np.asarray(coefficients, dtype=np.float64), updates, strict=True):
+        if c:
+            out += c * row
+    return out
+
+
 def weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Weighted mean of the rows, weights normalised to sum 1 (float64 vector).
 
@@ -193,7 +210,7 @@ def weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
     total = float(weights.sum())
     if not total > 0:
         raise ValueError("weighted_mean needs weights with a positive sum")
-    return (weights / total) @ updates.astype(np.float64, copy=False)
+    return weighted_sum(updates, weights / total)
 
 
 def average_states(
@@ -241,3 +258,18 @@ def key_columns(
             cols.append(np.arange(offset, offset + size))
         offset += size
     return np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+
+
+def trainable_keys_of(module) -> list[str]:
+    """State-dict names of a torch module's trainable parameters.
+
+    Pass the result as ``trainable_keys`` to a defence so that non-BatchNorm
+    buffers (e.g. a model's input-normalisation ``mean``/``std``) are never
+    clipped or noised.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The global model (anything with ``named_parameters()``).
+    """
+    return [name for name, p in module.named_parameters() if p.requires_grad]

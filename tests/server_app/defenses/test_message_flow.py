@@ -20,7 +20,7 @@ def server_update_fn(global_state, server_round):
 
 
 def make(name):
-    kw = {"fraction_evaluate": 0.0, "min_available_nodes": 6, "min_train_nodes": 6}
+    kw = {"fraction_evaluate": 0.5, "min_available_nodes": 6, "min_train_nodes": 6}
     return {
         "flame": lambda: Flame(**kw),
         "fltrust": lambda: FLTrust(server_update_fn=server_update_fn, **kw),
@@ -55,6 +55,11 @@ def client_app() -> ClientApp:
             reply_to=msg,
         )
 
+    @app.evaluate()
+    def evaluate(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 5, "acc": pid / 10})}), reply_to=msg)
+
     return app
 
 
@@ -79,7 +84,9 @@ def test_two_round_run_through_strategy_start(name):
         failing = next(n for n, p in grid.partition_of.items() if p == FAILS_IN_ROUND_2)
         train_batches = [b for b in grid.sent if b and b[0].metadata.message_type == "train"]
 
-    assert len(train_batches) == 2
+    assert len(train_batches) == 2 and all(len(b) == 6 for b in train_batches)
+    assert sorted(result.evaluate_metrics_clientapp) == [1, 2]  # 3 of 6 nodes evaluated each round
+    assert 0.0 <= result.evaluate_metrics_clientapp[1]["acc"] <= 0.5
     # round 2 was configured with round 1's aggregate (w_t tracking)
     sent_round2 = as_state(train_batches[1][0].content["arrays"])
     for k in initial:

@@ -51,3 +51,27 @@ def test_torch_state_dict_round_trip(strategy):
     mean_rm = np.mean([r.content["arrays"]["1.running_mean"].numpy() for r in replies if r.metadata.src_node_id in accepted], axis=0)
     if isinstance(strategy, (Flame, RobustLR)):  # plain mean over accepted (equal num-examples)
         np.testing.assert_allclose(new["1.running_mean"].numpy(), mean_rm, atol=1e-6)
+
+
+class WithNormBuffer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.full((1,), 0.5))
+        self.fc = torch.nn.Linear(4, 2)
+
+
+def test_trainable_keys_of_keeps_other_buffers_out_of_flame_noise():
+    torch.manual_seed(0)
+    net = WithNormBuffer()
+    keys = um.trainable_keys_of(net)
+    assert keys == ["fc.weight", "fc.bias"]
+    base = {k: v.numpy() for k, v in net.state_dict().items()}
+    replies = [
+        train_reply({k: v + (0.1 * (i + 1) if k != "mean" else 0) for k, v in base.items()}, node_id=i + 1)
+        for i in range(3)
+    ]
+    for trainable_keys, buffer_untouched in ((keys, True), (None, False)):
+        strategy = Flame(noise_lambda=0.1, trainable_keys=trainable_keys)
+        strategy.current_arrays = ArrayRecord(net.state_dict())
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert (arrays["mean"].numpy() == 0.5).all() == buffer_untouched
