@@ -1,0 +1,362 @@
+"""Post-aggregation distillation of the global model towards CLIP (method.md §6; reconstruction).
+
+After aggregation the server trains the global model θ (initialised at the aggregate θ̄) on its
+synthetic set, whose augmented rows keep their *clean* labels, minimising
+
+    L = λ_CE·CE(f_θ(x), y) + λ_KL·T²·KL(softmax(s_T(x_t)/T) ‖ softmax(f_θ(x)/T))
+        + λ_PCL·PCL(normalize(h(φ_θ(x))), y, prototypes, τ) + λ_prox·‖θ − θ̄‖²
+
+where s_T(x_t) are the teacher's logits on the row's clean source, φ_θ the penultimate features
+(:mod:`clipfed_strategy.features`) and h a projection head to the teacher's embedding width that
+lives on the server across rounds (:class:`Distiller`). No target label ever appears, which breaks
+the trigger → target link; the KL term to the clean-source teacher enforces trigger invariance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipfed_strategy.features import PenultimateExtractor, eval_mode, last_linear
+from clipfed_strategy.losses import kd_kl_loss, prototype_contrastive_loss
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam")
+BN_MODES = ("frozen", "train")
+TRAINABLE = ("all", "head", "last-k")
+HEADS = ("linear", "mlp")
+
+
+class DistillConfigError(ValueError):
+    """A distillation setting outside its allowed values."""
+
+
+@dataclass
+class DistillConfig:
+    """Settings of one distillation run (run-config keys ``distill.*``).
+
+    Parameters
+    ----------
+    epochs : int, default 1
+        Passes over the data (used when ``steps`` is 0).
+    steps : int, default 0
+        Exact number of optimiser steps (> 0 overrides ``epochs``; the data is reshuffled each pass).
+    batch_size : int, default 128
+    lr : float, default 0.01
+    momentum : float, default 0.9
+        SGD momentum (ignored by Adam).
+    weight_decay : float, default 5e-4
+    optimizer : {"sgd", "adam"}, default "sgd"
+    T : float, default 3.0
+        KD temperature.
+    tau : float, default 0.1
+        PCL temperature.
+    lambda_ce, lambda_kl, lambda_pcl, lambda_prox : float, defaults 1.0, 2.0, 0.001, 0.0
+        Loss weights (PCL and its head are skipped when ``lambda_pcl`` is 0).
+    bn : {"frozen", "train"}, default "frozen"
+        ``frozen`` keeps BatchNorm layers in eval mode (running statistics from the clients stay).
+    trainable : {"all", "head", "last-k"}, default "all"
+        ``head``: only the last ``nn.Linear`` (the classifier); ``last-k``: the last ``last_k``
+        modules that own parameters.
+    last_k : int, default 2
+    seed : int, default 0
+        Seeds shuffling and any dropout; the caller varies it per round if it wants.
+    amp : bool, default True
+        float16 autocast + GradScaler when the model is on CUDA (always fp32 on CPU).
+    """
+
+    epochs: int = 1
+    steps: int = 0
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    T: float = 3.0
+    tau: float = 0.1
+    lambda_ce: float = 1.0
+    lambda_kl: float = 2.0
+    lambda_pcl: float = 0.001
+    lambda_prox: float = 0.0
+    bn: str = "frozen"
+    trainable: str = "all"
+    last_k: int = 2
+    seed: int = 0
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"distill.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.bn in BN_MODES, f"distill.bn must be one of {BN_MODES}, got {self.bn!r}"),
+            (self.trainable in TRAINABLE, f"distill.trainable must be one of {TRAINABLE}, got {self.trainable!r}"),
+            (self.epochs >= 0 and self.steps >= 0, "distill.epochs and distill.steps must be >= 0"),
+            (self.batch_size > 0, f"distill.batch must be > 0, got {self.batch_size}"),
+            (self.lr > 0, f"distill.lr must be > 0, got {self.lr}"),
+            (self.T > 0 and self.tau > 0, "distill.T and distill.tau must be > 0"),
+            (self.last_k > 0, f"distill.last-k must be > 0, got {self.last_k}"),
+            (
+                min(self.lambda_ce, self.lambda_kl, self.lambda_pcl, self.lambda_prox) >= 0,
+                "distill.lambda-* weights must be >= 0",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DistillConfigError(message)
+
+
+def _trainable_parameters(model: nn.Module, cfg: DistillConfig) -> list[nn.Parameter]:
+    if cfg.trainable == "all":
+        return [p for p in model.parameters()]
+    if cfg.trainable == "head":
+        return list(last_linear(model)[1].parameters())
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    return [p for m in owners[-cfg.last_k :] for p in m.parameters(recurse=False)]
+
+
+def _build_head(kind: str, d: int, embed_dim: int, hidden: int) -> nn.Sequential:
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(d, embed_dim))
+    return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, embed_dim))
+
+
+class Distiller:
+    """Server-side distillation state: the projection head h: d → D kept across rounds.
+
+    Parameters
+    ----------
+    embed_dim : int
+        D, the width of the teacher's embeddings / text prototypes.
+    head : {"linear", "mlp"}, default "linear"
+        ``mlp`` = Linear(d, hidden) → ReLU → Linear(hidden, D).
+    hidden_dim : int or None, default None
+        Hidden width of the MLP head (``None`` = d).
+    feature_module : str or None, default None
+        Where the student's features φ are taken (see :class:`PenultimateExtractor`).
+    seed : int, default 0
+        Seeds the head's initialisation (built at the first :meth:`distill`, when d is known).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        head: str = "linear",
+        hidden_dim: int | None = None,
+        feature_module: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if head not in HEADS:
+            raise DistillConfigError(f"distill head must be one of {HEADS}, got {head!r}")
+        if embed_dim <= 0:
+            raise DistillConfigError(f"embed_dim must be > 0, got {embed_dim}")
+        self.embed_dim = int(embed_dim)
+        self.head_kind = head
+        self.hidden_dim = hidden_dim
+        self.feature_module = feature_module
+        self.seed = seed
+        self.head: nn.Sequential | None = None
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Tensor]:
+        """The head's tensors (empty before the first :meth:`distill` or :meth:`load_state_dict`)."""
+        return {} if self.head is None else {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore the head from :meth:`state_dict` (builds it from the stored shapes if needed)."""
+        if not state:
+            self.head = None
+            return
+        kind = "mlp" if "2.weight" in state else "linear"
+        if kind != self.head_kind:
+            raise DistillConfigError(f"stored head is {kind!r} but this Distiller uses {self.head_kind!r}")
+        first = state["0.weight"]
+        d = int(first.shape[1])
+        hidden = int(first.shape[0]) if kind == "mlp" else 0
+        out_dim = int(state["2.weight" if kind == "mlp" else "0.weight"].shape[0])
+        if out_dim != self.embed_dim:
+            raise DistillConfigError(f"stored head maps to {out_dim} dims, expected embed_dim={self.embed_dim}")
+        self.head = _build_head(kind, d, self.embed_dim, hidden)
+        self.head.load_state_dict(state)
+
+    def _ensure_head(self, d: int, device: torch.device) -> nn.Sequential:
+        if self.head is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.head = _build_head(self.head_kind, d, self.embed_dim, self.hidden_dim or d)
+        in_dim = self.head[0].in_features
+        if in_dim != d:
+            raise DistillConfigError(f"projection head expects {in_dim}-d features, the model gives {d}")
+        self.head = self.head.to(device)
+        return self.head
+
+    # ---------------------------------------------------------------- training
+    def distill(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        labels: Tensor,
+        teacher_logits: Tensor,
+        text_prototypes: Tensor | None,
+        cfg: DistillConfig | None = None,
+    ) -> dict[str, float]:
+        """Train ``model`` in place towards the teacher; returns mean losses and timing.
+
+        Parameters
+        ----------
+        model : nn.Module
+            The aggregated global model θ̄ (any device); trained in place. Every module's
+            train/eval flag and every parameter's ``requires_grad`` are restored afterwards.
+        x : Tensor ``[N, C, H, W]``
+            Float images in [0, 1] (any device; moved batch by batch).
+        labels : Tensor ``[N]`` int64
+            Clean (generation) labels ŷ; augmented rows keep the label of their clean source.
+        teacher_logits : Tensor ``[N, classes]``
+            Teacher logits for each row's teacher input (its clean source by default).
+        text_prototypes : Tensor ``[classes, D]`` or None
+            Class prototypes for PCL; may be ``None`` only when ``cfg.lambda_pcl`` is 0.
+        cfg : DistillConfig or None
+            ``None`` = ``DistillConfig()``.
+
+        Returns
+        -------
+        dict
+            ``ce``, ``kl``, ``pcl``, ``prox``, ``total`` (means over steps), ``steps``,
+            ``samples``, ``seconds``.
+        """
+        cfg = cfg or DistillConfig()
+        n = x.shape[0]
+        if labels.shape[0] != n or teacher_logits.shape[0] != n:
+            raise ValueError(
+                f"x, labels and teacher_logits need the same number of rows, got {n}, "
+                f"{labels.shape[0]}, {teacher_logits.shape[0]}"
+            )
+        if cfg.bn == "train" and n < 2:
+            raise ValueError('distill.bn="train" needs at least 2 rows (BatchNorm batch statistics)')
+        use_pcl = cfg.lambda_pcl > 0
+        if use_pcl and text_prototypes is None:
+            raise ValueError("text_prototypes are required when lambda_pcl > 0")
+        device = next(model.parameters()).device
+        extractor = PenultimateExtractor(model, self.feature_module)
+        start = time.perf_counter()
+
+        modes = [m.training for m in model.modules()]
+        grad_flags = [p.requires_grad for p in model.parameters()]
+        params = _trainable_parameters(model, cfg)
+        trainable_ids = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable_ids)
+        anchor = [p.detach().clone() for p in params] if cfg.lambda_prox > 0 else []
+
+        head = None
+        protos = None
+        if use_pcl:
+            head = self._ensure_head(_feature_dim(extractor, x, device), device)
+            head.train()
+            protos = text_prototypes.to(device).float()
+            if protos.shape != (teacher_logits.shape[1], self.embed_dim):
+                raise ValueError(
+                    f"text_prototypes must be [classes={teacher_logits.shape[1]}, D={self.embed_dim}], "
+                    f"got {tuple(protos.shape)}"
+                )
+        opt_params = params + (list(head.parameters()) if head is not None else [])
+        optimizer = _make_optimizer(opt_params, cfg)
+        use_amp = cfg.amp and device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
+
+        batches_per_pass = math.ceil(n / cfg.batch_size)
+        total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_pass
+        gen = torch.Generator().manual_seed(cfg.seed)
+        sums = {"ce": 0.0, "kl": 0.0, "pcl": 0.0, "prox": 0.0, "total": 0.0}
+        steps = 0
+        model.train()
+        if cfg.bn == "frozen":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        cuda_devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=cuda_devices):
+                torch.manual_seed(cfg.seed)
+                while steps < total_steps:
+                    order = torch.randperm(n, generator=gen)
+                    for b0 in range(0, n, cfg.batch_size):
+                        if steps >= total_steps:
+                            break
+                        idx = order[b0 : b0 + cfg.batch_size]
+                        if cfg.bn == "train" and idx.numel() < 2:
+                            continue
+                        xb = x[idx].to(device, non_blocking=True).float()
+                        yb = labels[idx].to(device, non_blocking=True).long()
+                        tb = teacher_logits[idx].to(device, non_blocking=True).float()
+                        with autocast:
+                            logits, feats = extractor(xb)
+                            ce = F.cross_entropy(logits.float(), yb)
+                            kl = kd_kl_loss(logits, tb, cfg.T)
+                            pcl = (
+                                prototype_contrastive_loss(head(feats.float()), yb, protos, cfg.tau)
+                                if use_pcl
+                                else logits.new_zeros((), dtype=torch.float32)
+                            )
+                        prox = (
+                            sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchor))
+                            if anchor
+                            else torch.zeros((), device=device)
+                        )
+                        loss = (
+                            cfg.lambda_ce * ce
+                            + cfg.lambda_kl * kl
+                            + cfg.lambda_pcl * pcl
+                            + cfg.lambda_prox * prox
+                        )
+                        optimizer.zero_grad(set_to_none=True)
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        for key, value in (("ce", ce), ("kl", kl), ("pcl", pcl), ("prox", prox), ("total", loss)):
+                            sums[key] += float(value.detach())
+                        steps += 1
+                    if batches_per_pass == 0:
+                        break
+        finally:
+            for m, flag in zip(model.modules(), modes):
+                m.training = flag
+            for p, flag in zip(model.parameters(), grad_flags):
+                p.requires_grad_(flag)
+            if head is not None:
+                head.eval()
+        stats = {k: v / max(steps, 1) for k, v in sums.items()}
+        stats.update(steps=steps, samples=n, seconds=time.perf_counter() - start)
+        logger.info(
+            "distillation: %d steps on %d rows in %.1fs, loss %.3f (ce %.3f, kl %.3f, pcl %.3f, prox %.3g)",
+            steps,
+            n,
+            stats["seconds"],
+            stats["total"],
+            stats["ce"],
+            stats["kl"],
+            stats["pcl"],
+            stats["prox"],
+        )
+        return stats
+
+
+def _feature_dim(extractor: PenultimateExtractor, x: Tensor, device: torch.device) -> int:
+    try:
+        return extractor.feature_dim
+    except ValueError:  # a named feature module: its width is known after one forward pass
+        with torch.no_grad(), eval_mode(extractor.model):
+            return int(extractor(x[:1].to(device).float())[1].shape[1])
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: DistillConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
