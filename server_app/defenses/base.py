@@ -9,7 +9,8 @@
    the weights used to average the non-trainable entries (BatchNorm
    statistics) and the per-client decisions;
 4. returns ``w_t + update`` as the new global model and stores the decisions in
-   ``last_round_report``.
+   ``last_round_report``. Training metrics are FedAvg's aggregate over all valid
+   replies (what clients reported, whether accepted or not).
 
 Defences only ever read each reply's ``"arrays"`` ArrayRecord and the
 ``num-examples`` metric; never the ``"ground-truth"`` ConfigRecord.
@@ -189,7 +190,7 @@ class UpdateDefense(FedAvg):
             )
 
         global_state = arrays_to_state(self.current_arrays)
-        client_states = [arrays_to_state(m.content[self.arrayrecord_key]) for m in valid]
+        client_states = [arrays_to_state(_only_arrays(m)) for m in valid]
         _check_same_keys(global_state, client_states[0])
         keys = um.select_trainable_keys(global_state, self.trainable_keys)
         rnd = RoundInput(
@@ -220,12 +221,17 @@ class UpdateDefense(FedAvg):
         return state_to_arrays(new_state), metrics
 
 
+def _only_arrays(message: Message) -> ArrayRecord:
+    """The reply's single ArrayRecord (FedAvg's validation guarantees exactly one)."""
+    return next(iter(message.content.array_records.values()))
+
+
 def _metric_key(message: Message) -> str:
     return next(iter(message.content.metric_records.keys()))
 
 
 def _check_same_keys(global_state: dict, client_state: dict) -> None:
-    if list(global_state) != list(client_state):
+    if set(global_state) != set(client_state):
         diff = sorted(set(global_state) ^ set(client_state))
         raise ValueError(
             f"reply arrays do not match the global arrays (differing keys: {diff[:5]})"

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from defense_testkit import DIM, TRAINABLE, as_state, client_state, tiny_state
+from defense_testkit import DIM, TRAINABLE, as_state, client_state, prime, tiny_state, train_reply
 from flower_harness import FakeGrid, error_reply
 from server_app.defenses import FLTrust, Flame, FoolsGold, RobustLR
 from server_app.defenses import update_math as um
@@ -115,8 +115,6 @@ def test_every_defence_survives_an_all_error_round(name):
 
 
 def test_error_replies_are_dropped_before_the_defence():
-    from defense_testkit import prime, train_reply
-
     g = tiny_state()
     strategy = prime(RobustLR(), g)
     replies = [train_reply(client_state(g, BASE), 1), error_reply(2), train_reply(client_state(g, BASE), 3)]
