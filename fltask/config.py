@@ -92,6 +92,9 @@ class RunConfig:
     results_dir: str = "outputs"
     run_name: str = ""
     cache_dir: str = ""
+    round_timeout: float = 600.0
+    checkpoint: bool = True
+    resume: bool = False
     # every key not owned by the task (e.g. "clipfed.*", "flame.*") is kept for its owner
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -220,6 +223,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.pgd_radius >= 0.0, "pgd-radius", "must be >= 0 (0 = off)")
     need(0.0 <= cfg.malicious_fraction <= 1.0, "malicious-fraction", "must lie in [0, 1]")
     need(0.0 <= cfg.trimmed_beta < 0.5, "trimmed-beta", "must lie in [0, 0.5)")
+    need(cfg.round_timeout > 0, "round-timeout", "must be > 0 seconds")
     try:
         ids = cfg.malicious_id_set
     except ValueError:

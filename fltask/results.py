@@ -42,6 +42,11 @@ class RunRecorder:
         self.rounds.sort(key=lambda r: r["round"])
         self.write()
 
+    def restore(self, rounds: list[dict[str, Any]]) -> None:
+        """Take over the rounds of a checkpoint (resume)."""
+        self.rounds = list(rounds)
+        self.write()
+
     def write(self) -> None:
         doc = {**self.header, "config": self.config, "rounds": self.rounds}
         _atomic_write(self.out_dir / "metrics.json", json.dumps(doc, indent=2, default=_json_default))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fltask.attacks import TriggerSpec
@@ -19,6 +19,7 @@ from fltask.models import build_model
 from fltask.partition import make_split
 from fltask.results import RunRecorder, detection_rates
 from fltask.training import attack_success_rate, main_accuracy, to_tensor
+from server_app.loop import CHECKPOINT, run_rounds
 from server_app.recording_grid import RecordingGrid
 from server_app.strategies import build_strategy
 
@@ -95,6 +96,15 @@ def decisions_with_roles(report: dict[str, Any], replies: dict[int, dict[str, An
     return out
 
 
+def config_key(cfg: RunConfig) -> str:
+    """Identifies a run's configuration (all keys but ``resume``) for checkpoint compatibility."""
+    import hashlib
+    import json
+
+    conf = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
+    return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}"
 
@@ -135,12 +145,12 @@ def main(grid: Grid, context: Context) -> None:
     x_test, y_test = to_tensor(data.x_test), torch.from_numpy(data.y_test)
     reporter = RoundReporter(cfg, model, rgrid, built.strategy, recorder, x_test, y_test, asr_trigger(cfg, h))
     t0 = time.perf_counter()
-    built.strategy.start(
-        grid=rgrid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=cfg.num_server_rounds,
-        train_config=ConfigRecord({}),
-        evaluate_fn=reporter,
+    run_rounds(
+        built.strategy, rgrid, ArrayRecord(model.state_dict()), cfg.num_server_rounds, reporter,
+        timeout=cfg.round_timeout,
+        checkpoint_path=cfg.results_path / CHECKPOINT if cfg.checkpoint else None,
+        resume=cfg.resume, config_key=config_key(cfg),
+        rounds_so_far=lambda: recorder.rounds, restore_rounds=recorder.restore,
     )
     recorder.header["status"] = "completed"
     recorder.header["seconds_total"] = time.perf_counter() - t0

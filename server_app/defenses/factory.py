@@ -21,6 +21,7 @@ from fltask.datasets import TaskData
 from fltask.partition import Split
 from fltask.training import train_local
 from server_app.defenses import Flame, FLTrust, FoolsGold, RobustLR
+from server_app.defenses.update_math import trainable_keys_of
 from server_app.strategies import BuiltStrategy
 
 log = logging.getLogger("clipfed")
@@ -56,6 +57,8 @@ def fltrust_server_update_fn(cfg: RunConfig, model: nn.Module, x: torch.Tensor, 
 
 def build_baseline_defense(cfg: RunConfig, model: nn.Module, data: TaskData, split: Split, kw: dict[str, Any]) -> BuiltStrategy:
     d = cfg.defense
+    # our models keep input-normalisation buffers: only parameters count as trainable
+    kw = {**kw, "trainable_keys": trainable_keys_of(model)}
     if d == "flame":
         return BuiltStrategy(Flame(noise_lambda=_get(cfg, "flame-noise-lambda"), seed=cfg.seed, **kw))
     if d == "foolsgold":
