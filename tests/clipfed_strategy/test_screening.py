@@ -1,0 +1,268 @@
+"""Behavioural screening: the maths on hand-built logits, then a small federated round on digits."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfed_strategy.batched_eval import batched_logits_and_features, stack_states
+from clipfed_strategy.screening import (
+    ScreeningError,
+    behaviour_scores,
+    clip_update_norms,
+    collapse_scores,
+    combine,
+    decide,
+    robust_z,
+    screen,
+    two_means_upper,
+)
+
+C = 4
+
+
+def _load_problem_module():
+    name = "clipfed_strategy_tests_digits_fl"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_digits_fl.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _logits_from_preds(preds):
+    """[K, N] predicted classes -> [K, N, C] logits whose argmax is that class."""
+    return 5.0 * F.one_hot(torch.as_tensor(preds), C).float()
+
+
+# --------------------------------------------------------------------------- collapse maths
+
+LABELS = torch.tensor([0, 1, 2, 3] * 5)  # 20 rows, 5 per class
+
+
+def test_collapse_cancels_static_label_skew_and_finds_trigger_target():
+    n = len(LABELS)
+    accurate = LABELS.clone()
+    skewed = torch.where(LABELS < 2, LABELS, torch.zeros_like(LABELS))  # knows classes 0, 1 only
+    backdoor_aug = torch.full((n,), 3)  # everything triggered -> class 3
+    clean = _logits_from_preds(torch.stack([accurate, skewed, accurate]))
+    aug = _logits_from_preds(torch.stack([accurate, skewed, backdoor_aug]))
+    collapse, target, shift = collapse_scores(clean, LABELS, aug, LABELS, skew_discount=False)
+    # the skewed client predicts 0 for classes 2 and 3 on both sets: no shift at all
+    assert collapse.tolist() == pytest.approx([0.0, 0.0, 1.0])
+    assert int(target[2]) == 3
+    # q^a(3) = 15/15 off-class rows, q^s(3) = 0
+    assert float(shift[2, 3]) == pytest.approx(1.0)
+
+
+def test_collapse_by_hand_with_skew_discount():
+    # 2 clients, 8 rows with labels 0,0,1,1,2,2,3,3
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    clean = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 0, 1, 0, 2, 3, 3]])
+    aug = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 0, 0, 0, 0, 3, 3]])
+    got, target, _ = collapse_scores(_logits_from_preds(clean), labels, _logits_from_preds(aug), labels)
+    # client 1, class 0: 6 off-class rows; clean predicts 0 on 2 of them, aug on 4
+    q_s, q_a = 2 / 6, 4 / 6
+    assert float(got[1]) == pytest.approx((q_a - q_s) * (1 - q_s))
+    assert int(target[1]) == 0 and float(got[0]) == pytest.approx(0.0)
+
+
+def test_soft_collapse_uses_probabilities():
+    labels = torch.tensor([0, 1])
+    clean = torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])
+    aug = torch.tensor([[[2.0, 0.0], [1.0, 1.0]]])
+    got, target, _ = collapse_scores(clean, labels, aug, labels, soft=True, T=1.0, skew_discount=False)
+    p_clean = 1 / (1 + math.exp(2.0))  # P(class 0) for the label-1 row on clean
+    assert float(got[0]) == pytest.approx(0.5 - p_clean, rel=1e-5)
+    assert int(target[0]) == 0
+
+
+def test_behaviour_scores_groups_pairs_and_teacher_metrics():
+    n = len(LABELS)
+    k_preds_clean = torch.stack([LABELS, LABELS])
+    # group 0 (rows 0..19) is harmless; group 1 (rows 20..39) triggers client 1 onto class 2
+    aug_preds = torch.stack([LABELS.repeat(2), torch.cat([LABELS, torch.full((n,), 2)])])
+    source = torch.arange(n).repeat(2)
+    groups = torch.arange(2).repeat_interleave(n)
+    teacher = _logits_from_preds(LABELS)
+    scores = behaviour_scores(
+        _logits_from_preds(k_preds_clean), LABELS, _logits_from_preds(aug_preds), LABELS[source],
+        teacher_logits_clean=teacher, aug_source=source, aug_groups=groups,
+        client_feats_clean=torch.randn(2, n, 3),
+    )
+    assert scores["collapse"].tolist() == pytest.approx([0.0, 1.0])
+    assert scores["collapse_target"].tolist()[1] == 2
+    ungrouped = behaviour_scores(
+        _logits_from_preds(k_preds_clean), LABELS, _logits_from_preds(aug_preds), LABELS[source],
+        aug_source=source,
+    )
+    assert float(ungrouped["collapse"][1]) == pytest.approx(0.5)  # diluted by the harmless half
+    # agree: client 1 disagrees with the teacher on 15 of the 60 rows (D_s ∪ D_a)
+    assert scores["agree"].tolist() == pytest.approx([0.0, 15 / 60])
+    assert float(scores["kl"][1]) > float(scores["kl"][0]) >= 0.0
+    assert scores["proto"].shape == (2,)
+    with pytest.raises(ScreeningError, match="teacher_logits_for_aug"):
+        behaviour_scores(
+            _logits_from_preds(k_preds_clean), LABELS, _logits_from_preds(aug_preds),
+            LABELS[source], teacher_logits_clean=teacher,
+        )
+
+
+def test_prototype_deviation_spots_the_odd_client():
+    torch.manual_seed(0)
+    labels = torch.arange(3).repeat(10)
+    centres = torch.randn(3, 8)
+    feats = centres[labels][None].repeat(5, 1, 1) + 0.05 * torch.randn(5, 30, 8)
+    feats[4, labels == 1] = -centres[1]  # client 4's class-1 features point elsewhere
+    logits = torch.zeros(5, 30, 3)
+    proto = behaviour_scores(logits, labels, logits, labels, client_feats_clean=feats)["proto"]
+    assert int(proto.argmax()) == 4 and float(proto[4]) > 1.5 > 0.1 > float(proto[:4].max())
+
+
+# --------------------------------------------------------------------------- combination
+
+def test_robust_z_matches_numpy():
+    s = torch.tensor([0.1, 0.2, 0.15, 0.9, 0.12, 0.11])
+    arr = s.numpy().astype(np.float64)
+    med = np.median(arr)
+    mad = np.median(np.abs(arr - med))
+    want = (arr - med) / (1.4826 * mad + 1e-6)
+    assert robust_z(s).tolist() == pytest.approx(want.tolist(), rel=1e-4)
+
+
+def test_combine_weighted_mean_and_errors():
+    z = {"collapse": torch.tensor([1.0, 3.0]), "kl": torch.tensor([4.0, 0.0])}
+    assert combine(z, {"collapse": 1.0, "kl": 0.5, "agree": 0.0}).tolist() == pytest.approx([2.0, 2.0])
+    with pytest.raises(ScreeningError, match="not computed"):
+        combine(z, {"collapse": 1.0, "proto": 1.0})
+    with pytest.raises(ScreeningError, match="> 0"):
+        combine(z, {"collapse": 0.0})
+    with pytest.raises(ScreeningError, match=">= 0"):
+        combine(z, {"collapse": -1.0})
+
+
+def test_decide_rules_and_fail_safes():
+    s = torch.tensor([0.0, 0.2, -0.3, 5.0, 3.0, 0.1])
+    strong = torch.full((6,), 0.9)
+    d = decide(s, collapse=strong)
+    assert d.flagged.tolist() == [False, False, False, True, True, False]
+    assert d.weights.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0] and d.enforced
+    # absolute floor: client 4 has too little collapse to be flagged
+    weak = strong.clone()
+    weak[4] = 0.1
+    d = decide(s, collapse=weak, num_examples=[10, 20, 30, 40, 50, 60])
+    assert d.flagged_indices() == [3] and "min-collapse" in d.reasons[4]
+    assert d.weights.tolist() == [10, 20, 30, 0, 50, 60]
+    # cap: at most floor(0.2*6) = 1 flagged, the highest score
+    d = decide(s, collapse=strong, max_reject_frac=0.2)
+    assert d.flagged_indices() == [3] and "cap" in d.reasons[4]
+    # min-kept: with 2 clients and max_reject_frac 1, one is always kept
+    d = decide(torch.tensor([9.0, 8.0]), max_reject_frac=1.0, min_kept=1, min_clients=2, z_thr=1.0)
+    assert d.flagged_indices() == [0]
+    # too few clients: flags reported, not enforced
+    d = decide(torch.tensor([0.0, 9.0]), num_examples=[3, 4], min_clients=3)
+    assert d.flagged.tolist() == [False, True] and not d.enforced
+    assert d.weights.tolist() == [3, 4] and "not enforced" in d.reasons[1]
+
+
+def test_decide_soft_weights_formula():
+    s = torch.tensor([-1.0, 0.5, 4.0, 3.0])
+    collapse = torch.tensor([0.5, 0.5, 0.9, 0.05])
+    d = decide(s, mode="soft", soft_beta=0.5, num_examples=[10, 10, 10, 10], collapse=collapse)
+    want = [10.0, 10 * math.exp(-0.25), 10 * math.exp(-2.0), 10.0]  # client 3 below the floor
+    assert d.weights.tolist() == pytest.approx(want, rel=1e-6)
+    assert d.flagged.tolist() == [False, False, True, False]
+    with pytest.raises(ScreeningError, match="soft-beta"):
+        decide(s, mode="soft", soft_beta=0.0)
+    with pytest.raises(ScreeningError, match="screen.mode"):
+        decide(s, mode="ban")
+    with pytest.raises(ScreeningError, match="screen.decision"):
+        decide(s, rule="dbscan")
+
+
+def test_kmeans2_and_threshold_rules():
+    s = torch.tensor([0.1, 0.0, 0.2, 0.15, 3.0, 3.2])
+    upper, gap = two_means_upper(s)
+    assert upper.tolist() == [False, False, False, False, True, True]
+    assert gap == pytest.approx(3.1 - 0.1125, rel=1e-5)
+    assert decide(s, rule="kmeans2", min_collapse=0).flagged_indices() == [4, 5]
+    assert decide(s, rule="kmeans2", gap=5.0, min_collapse=0).flagged_indices() == []
+    # upper cluster must hold fewer than K/2 clients
+    assert decide(torch.tensor([0.0, 3.0, 3.0, 3.1]), rule="kmeans2", min_collapse=0).flagged_indices() == []
+    scores = {"collapse": torch.tensor([0.05, 0.5, 0.1]), "collapse_target": torch.tensor([1, 2, 1])}
+    d = screen(scores, {"collapse": 1.0}, rule="threshold", reference={"collapse": 0.04})
+    assert d.flagged_indices() == [1] and "onto class 2" in d.reasons[1]
+    with pytest.raises(ScreeningError, match="reference"):
+        screen(scores, {"collapse": 1.0}, rule="threshold")
+
+
+def test_clip_update_norms():
+    g = torch.zeros(2)
+    clients = torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 2.0], [30.0, 40.0]])
+    kept = torch.tensor([True, True, True, False])
+    clipped, med = clip_update_norms(g, clients, kept)
+    assert med == pytest.approx(2.0)
+    assert torch.allclose(clipped, torch.tensor([[1.2, 1.6], [0.0, 1.0], [0.0, 2.0], [1.2, 1.6]]))
+    clipped, _ = clip_update_norms(torch.ones(2), clients + 1, kept)
+    assert clipped[3].tolist() == pytest.approx([2.2, 2.6])
+
+
+# --------------------------------------------------------------------------- a round on digits
+
+ROLES = ("iid", "iid", "iid", "skewed", "skewed", "backdoor", "iid")
+ATTACKED = [0, 1, 2, 3, 4, 5]
+ATTACK_FREE = [0, 1, 2, 3, 4, 6]
+
+
+@pytest.fixture(scope="module")
+def round_scores():
+    """Screening scores of 7 client models; index 5 is the backdoored one."""
+    P = _load_problem_module()
+    pb = P.build_problem(roles=ROLES, seed=3)
+    st = stack_states([m.state_dict() for m in pb.clients])
+    template = P.make_cnn()
+    logits_clean, feats = batched_logits_and_features(template, st, pb.x_server)
+    logits_aug, _ = batched_logits_and_features(template, st, pb.x_aug, return_features=False)
+    teacher = 5.0 * F.one_hot(pb.y_server, 10).float()  # a knowledgeable stand-in teacher
+
+    def scores(idx):
+        return behaviour_scores(
+            logits_clean[idx], pb.y_server, logits_aug[idx], pb.y_server[pb.aug_source],
+            teacher_logits_clean=teacher, client_feats_clean=feats[idx],
+            aug_source=pb.aug_source, aug_groups=pb.aug_variant,
+        )
+
+    return pb, scores
+
+
+def test_screening_flags_exactly_the_backdoor(round_scores):
+    pb, scores = round_scores
+    roles = [pb.roles[i] for i in ATTACKED]
+    assert roles.count("skewed") == 2 and roles.index("backdoor") == 5
+    s = scores(ATTACKED)
+    d = screen(s, num_examples=[100] * 6)
+    assert d.flagged_indices() == [5]
+    assert int(s["collapse_target"][5]) == 0 and "onto class 0" in d.reasons[5]
+    assert d.weights.tolist() == [100, 100, 100, 100, 100, 0]
+    # skewed clients really are different: the teacher-agreement metrics single them out
+    assert float(s["kl"][3:5].min()) > float(s["kl"][[0, 1, 2, 5]].max())
+
+
+def test_no_attacker_nobody_flagged(round_scores):
+    _, scores = round_scores
+    for rule in ("mad", "kmeans2"):
+        d = screen(scores(ATTACK_FREE), rule=rule)
+        assert d.flagged_indices() == [], (rule, d.reasons)
+
+
+def test_soft_mode_downweights_the_backdoor(round_scores):
+    _, scores = round_scores
+    d = screen(scores(ATTACKED), mode="soft", num_examples=[100] * 6)
+    assert float(d.weights[5]) < 0.05 * float(d.weights[:5].min())
+    assert d.weights[:5].tolist() == pytest.approx([100.0] * 5)  # benign: no collapse, full weight
