@@ -58,7 +58,12 @@ def _add_build(sub) -> None:
     t.add_argument("--clip-hf-model", default="", help="transformers CLIPModel hub id or local directory")
     t.add_argument("--clip-model-config", default="", help="open_clip JSON model config to register")
     t.add_argument("--clip-templates", default="a photo of a {c}.", help="';'-separated prompt templates")
-    t.add_argument("--standin", action="store_true", help="mark the teacher as the offline stand-in")
+    t.add_argument(
+        "--standin",
+        default="",
+        metavar="DIR",
+        help="use the offline STAND-IN teacher saved in DIR (clipfed_strategy.standin_teacher); overrides --clip-*",
+    )
     g = p.add_argument_group("generator options")
     g.add_argument("--folder", default="", help="folder: root with one sub-folder per class name")
     g.add_argument("--mllm-model", default="", help="mllm: Janus local directory or hub id")
@@ -112,6 +117,13 @@ def load_cli_teacher(args, class_names, device):
         return None
     from clipfed_strategy.teacher import TeacherSpec, load_teacher
 
+    if args.standin:
+        from clipfed_strategy.standin_teacher import read_standin
+
+        found = read_standin(args.standin)
+        if found is None:
+            raise SynthError(f"--standin {args.standin} holds no finished stand-in teacher (standin.json + standin.pt)")
+        return load_teacher(found[0], class_names, device=device)
     spec = TeacherSpec.from_strings(
         model=args.clip_model,
         pretrained=args.clip_pretrained,
@@ -119,7 +131,6 @@ def load_cli_teacher(args, class_names, device):
         templates=args.clip_templates,
         backend=args.clip_backend,
         model_config=args.clip_model_config,
-        is_standin=args.standin,
     )
     return load_teacher(spec, class_names, device=device)
 
