@@ -63,7 +63,7 @@ def train_local(
             opt.step()
             if poisoning is not None and poisoning.pgd_radius > 0:
                 project_to_ball(model, global_state, poisoning.pgd_radius)
-            total += float(loss) * len(yb)
+            total += loss.item() * len(yb)
             count += len(yb)
     return total / max(count, 1)
 
