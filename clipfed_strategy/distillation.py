@@ -94,9 +94,15 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.optimizer in OPTIMIZERS, f"distill.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (
+                self.optimizer in OPTIMIZERS,
+                f"distill.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
+            ),
             (self.bn in BN_MODES, f"distill.bn must be one of {BN_MODES}, got {self.bn!r}"),
-            (self.trainable in TRAINABLE, f"distill.trainable must be one of {TRAINABLE}, got {self.trainable!r}"),
+            (
+                self.trainable in TRAINABLE,
+                f"distill.trainable must be one of {TRAINABLE}, got {self.trainable!r}",
+            ),
             (self.epochs >= 0 and self.steps >= 0, "distill.epochs and distill.steps must be >= 0"),
             (self.batch_size > 0, f"distill.batch must be > 0, got {self.batch_size}"),
             (self.lr > 0, f"distill.lr must be > 0, got {self.lr}"),
@@ -166,7 +172,9 @@ class Distiller:
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Tensor]:
         """The head's tensors (empty before the first :meth:`distill` or :meth:`load_state_dict`)."""
-        return {} if self.head is None else {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+        if self.head is None:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore the head from :meth:`state_dict` (builds it from the stored shapes if needed)."""
@@ -181,7 +189,9 @@ class Distiller:
         hidden = int(first.shape[0]) if kind == "mlp" else 0
         out_dim = int(state["2.weight" if kind == "mlp" else "0.weight"].shape[0])
         if out_dim != self.embed_dim:
-            raise DistillConfigError(f"stored head maps to {out_dim} dims, expected embed_dim={self.embed_dim}")
+            raise DistillConfigError(
+                f"stored head maps to {out_dim} dims, expected embed_dim={self.embed_dim}"
+            )
         self.head = _build_head(kind, d, self.embed_dim, hidden)
         self.head.load_state_dict(state)
 
@@ -320,7 +330,8 @@ class Distiller:
                         scaler.scale(loss).backward()
                         scaler.step(optimizer)
                         scaler.update()
-                        for key, value in (("ce", ce), ("kl", kl), ("pcl", pcl), ("prox", prox), ("total", loss)):
+                        terms = {"ce": ce, "kl": kl, "pcl": pcl, "prox": prox, "total": loss}
+                        for key, value in terms.items():
                             sums[key] += float(value.detach())
                         steps += 1
                     if batches_per_pass == 0:

@@ -5,10 +5,13 @@ frequency-augmented copies D_a (trigger-like perturbations that keep the clean l
 
 ``collapse`` (default metric)
     For each class c, q^a(c) = share of D_a rows with label ≠ c that the model predicts as c, and
-    q^s(c) = the same share on D_s; collapse = max_c [q^a(c) − q^s(c)], c* = the argmax (the
-    suspected target). A benign client with skewed data over-predicts its majority classes on *both*
-    sets, so the skew cancels in the difference; a backdoored client moves mass to its target
-    specifically on trigger-like inputs.
+    q^s(c) = the same share on D_s (the clean sources of those rows); collapse = max_c
+    [q^a(c) − q^s(c)]·(1 − q^s(c)), c* = the argmax (the suspected target), computed per
+    augmentation variant and maximised over variants. A benign client with skewed data
+    over-predicts its majority classes on *both* sets, so the skew cancels in the difference; the
+    (1 − q^s) factor also discounts perturbations that merely tip images between a skewed
+    client's majority classes. A backdoored client moves mass specifically on trigger-like inputs
+    to a class it almost never predicts for other classes' clean images (q^s ≈ 0).
 ``kl``
     Mean KL(teacher(x_src)/T ‖ client(x)/T) over D_s ∪ D_a, the teacher seeing each row's clean
     source. Also high for benign clients that never saw some classes: weight it low under Non-IID.
@@ -486,9 +489,11 @@ def decide(
     for i in range(k):
         why = _explain(i, combined, targets, contributions, class_names)
         if flagged[i]:
-            reasons.append(f"flagged: {why}" + ("" if enforced else f" (not enforced: K={k} < min-clients={min_clients})"))
+            note = "" if enforced else f" (not enforced: K={k} < min-clients={min_clients})"
+            reasons.append(f"flagged: {why}{note}")
         elif floored[i]:
-            reasons.append(f"kept: {why}, but collapse {float(collapse[i]):.2f} < min-collapse {min_collapse}")
+            value = float(collapse[i])
+            reasons.append(f"kept: {why}, but collapse {value:.2f} < min-collapse {min_collapse}")
         elif capped[i]:
             reasons.append(f"kept: {why}, but over the reject cap of {cap}")
         else:

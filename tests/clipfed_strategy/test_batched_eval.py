@@ -137,3 +137,15 @@ def test_named_feature_module():
     _, ref = _reference(models, x, lambda m, xb: m[:3](xb).flatten(1))
     assert feats.shape == (2, 3, 6 * 8 * 8)
     assert torch.allclose(feats, ref, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_equals_looped_on_cuda():
+    models = _perturbed(_cnn, 4)
+    st = stack_states([m.state_dict() for m in models], device="cuda")
+    x = torch.rand(50, 1, 8, 8, device="cuda")
+    template = _cnn().cuda()
+    lb, fb = batched_logits_and_features(template, st, x, chunk_size=3, batch_size=20)
+    ll, fl = looped_logits_and_features(template, st, x)
+    assert lb.device.type == "cuda"
+    assert torch.allclose(lb, ll, atol=1e-4) and torch.allclose(fb, fl, atol=1e-4)

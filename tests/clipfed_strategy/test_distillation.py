@@ -1,0 +1,189 @@
+"""Server-side distillation: it removes a BadNets backdoor on digits and honours its settings."""
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipfed_strategy.distillation import DistillConfig, DistillConfigError, Distiller
+from clipfed_strategy.losses import prototype_contrastive_loss
+
+
+def _load_problem_module():
+    name = "clipfed_strategy_tests_digits_fl"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_digits_fl.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+P = _load_problem_module()
+PROTOS = F.normalize(torch.randn(10, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    """A model fine-tuned with BadNets (2×2 corner → 0) plus the server's distillation set: clean
+    images and random-patch copies (anywhere / any corner, not the trigger) with clean labels."""
+    pb = P.build_problem(roles=("backdoor",), seed=0)
+    rows = pb.aug_variant == 1
+    x = torch.cat([pb.x_server, pb.x_aug[rows]])
+    source = torch.cat([torch.arange(len(pb.x_server)), pb.aug_source[rows]])
+    y = pb.y_server[source]
+    teacher = 5.0 * F.one_hot(y, 10).float()  # knowledgeable teacher, fed the clean source
+    return pb, x, y, teacher
+
+
+def _small_data(n=64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y, 3.0 * F.one_hot(y, 10).float()
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_distillation_removes_backdoor_keeps_accuracy(backdoored):
+    pb, x, y, teacher = backdoored
+    model = copy.deepcopy(pb.clients[0])
+    acc0 = P.accuracy(model, pb.x_test, pb.y_test)
+    asr0 = P.attack_success(model, pb.x_test, pb.y_test)
+    stats = Distiller(16).distill(model, x, y, teacher, PROTOS, DistillConfig(epochs=6))
+    acc1 = P.accuracy(model, pb.x_test, pb.y_test)
+    asr1 = P.attack_success(model, pb.x_test, pb.y_test)
+    assert asr0 >= 0.5
+    assert asr1 <= asr0 / 2, (asr0, asr1)
+    assert acc1 >= acc0 - 0.04, (acc0, acc1)
+    assert stats["steps"] == 6 * 5 and stats["samples"] == 600
+    assert set(stats) >= {"ce", "kl", "pcl", "prox", "total", "steps", "seconds"}
+    assert stats["pcl"] > 0 and stats["kl"] > 0
+    assert not model.training  # eval flag restored
+
+
+def test_deterministic_given_seed():
+    x, y, t = _small_data()
+    base = P.make_cnn()
+    runs = []
+    for seed in (0, 0, 1):
+        model = copy.deepcopy(base)
+        Distiller(16, seed=5).distill(model, x, y, t, PROTOS, DistillConfig(steps=4, batch_size=16, seed=seed))
+        runs.append(_params(model))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_bn_frozen_keeps_running_stats_and_train_updates_them():
+    x, y, t = _small_data()
+    model = P.make_cnn()
+    mean0 = model[1].running_mean.clone()
+    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=3, batch_size=16))
+    assert torch.equal(model[1].running_mean, mean0)
+    assert not torch.equal(model[0].weight, P.make_cnn()[0].weight)  # it did train
+    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=3, batch_size=16, bn="train"))
+    assert not torch.equal(model[1].running_mean, mean0)
+
+
+def test_trainable_head_and_last_k_and_flags_restored():
+    x, y, t = _small_data()
+    model = P.make_cnn()
+    model[0].weight.requires_grad_(False)  # a user's own freeze must survive
+    before = _params(model)
+    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=3, batch_size=16, trainable="head"))
+    after = _params(model)
+    names = [n for n, _ in model.named_parameters()]
+    changed = {n for n, a, b in zip(names, before, after) if not torch.equal(a, b)}
+    assert changed == {"9.weight", "9.bias"}
+    assert [p.requires_grad for p in model.parameters()] == [n != "0.weight" for n in names]
+    before = _params(model)
+    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=3, batch_size=16, trainable="last-k", last_k=2))
+    changed = {n for n, a, b in zip(names, before, _params(model)) if not torch.equal(a, b)}
+    assert changed == {"7.weight", "7.bias", "9.weight", "9.bias"}
+
+
+def test_prox_term_keeps_model_closer():
+    x, y, t = _small_data()
+    base = P.make_cnn()
+    dist = {}
+    for lam in (0.0, 50.0):
+        model = copy.deepcopy(base)
+        stats = Distiller(16).distill(
+            model, x, y, t, PROTOS, DistillConfig(steps=6, batch_size=16, lr=0.02, lambda_prox=lam, weight_decay=0)
+        )
+        dist[lam] = sum(float(((a - b) ** 2).sum()) for a, b in zip(_params(model), _params(base)))
+        assert (stats["prox"] > 0) == (lam > 0)
+    assert dist[50.0] < 0.5 * dist[0.0]
+
+
+def test_pcl_only_aligns_features_with_prototypes_and_head_persists():
+    x, y, t = _small_data(128)
+    model = P.make_cnn()
+    distiller = Distiller(16, head="mlp", hidden_dim=32)
+    cfg = DistillConfig(steps=60, batch_size=32, lambda_ce=0, lambda_kl=0, lambda_pcl=1.0, optimizer="adam", lr=1e-3, weight_decay=0)
+
+    def pcl_now():
+        from clipfed_strategy.features import PenultimateExtractor
+
+        with torch.no_grad():
+            _, feats = PenultimateExtractor(model)(x)
+            return float(prototype_contrastive_loss(distiller.head(feats), y, PROTOS, cfg.tau))
+
+    distiller.distill(model, x, y, t, PROTOS, DistillConfig(steps=1, **{k: v for k, v in vars(cfg).items() if k != "steps"}))
+    start = pcl_now()
+    distiller.distill(model, x, y, t, PROTOS, cfg)
+    assert pcl_now() < 0.75 * start
+    state = distiller.state_dict()
+    restored = Distiller(16, head="mlp")
+    restored.load_state_dict(state)
+    assert all(torch.equal(state[k], v) for k, v in restored.state_dict().items())
+    with pytest.raises(DistillConfigError, match="mlp"):
+        Distiller(16, head="linear").load_state_dict(state)
+    with pytest.raises(DistillConfigError, match="embed_dim"):
+        Distiller(8, head="mlp").load_state_dict(state)
+
+
+def test_config_and_input_validation():
+    with pytest.raises(DistillConfigError, match="distill.optimizer"):
+        DistillConfig(optimizer="lbfgs")
+    with pytest.raises(DistillConfigError, match="distill.bn"):
+        DistillConfig(bn="ema")
+    with pytest.raises(DistillConfigError, match="distill.trainable"):
+        DistillConfig(trainable="some")
+    x, y, t = _small_data()
+    with pytest.raises(ValueError, match="same number of rows"):
+        Distiller(16).distill(P.make_cnn(), x, y[:5], t, PROTOS)
+    with pytest.raises(ValueError, match="text_prototypes"):
+        Distiller(16).distill(P.make_cnn(), x, y, t, None)
+    with pytest.raises(ValueError, match="text_prototypes must be"):
+        Distiller(16).distill(P.make_cnn(), x, y, t, PROTOS[:, :8])
+    # without PCL no prototypes and no head are needed
+    distiller = Distiller(16)
+    stats = distiller.distill(P.make_cnn(), x, y, t, None, DistillConfig(steps=2, lambda_pcl=0))
+    assert stats["pcl"] == 0 and distiller.state_dict() == {}
+
+
+def test_named_feature_module_head():
+    x, y, t = _small_data()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.ReLU(), nn.Linear(20, 10))
+    distiller = Distiller(16, feature_module="2")
+    distiller.distill(model, x, y, t, PROTOS, DistillConfig(steps=2, batch_size=16))
+    assert distiller.state_dict()["0.weight"].shape == (16, 20)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_on_cuda_trains_fp32_model():
+    x, y, t = _small_data()
+    model = P.make_cnn().cuda()
+    before = _params(model)
+    stats = Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=5, batch_size=16, amp=True))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(stats[k])) for k in ("ce", "kl", "pcl", "total"))
+    assert not all(torch.equal(a, b) for a, b in zip(before, _params(model)))
