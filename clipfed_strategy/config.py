@@ -61,7 +61,7 @@ class ScreeningConfig:
     z_thr: float = 2.5
     gap: float = 1.0
     abs_thr: float = 0.2
-    min_collapse: float = 0.15
+    min_collapse: float = 0.3
     max_reject_frac: float = 0.5
     min_kept: int = 1
     min_clients: int = 3
