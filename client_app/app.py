@@ -4,6 +4,10 @@ Whether a client attacks is decided from run-config (``malicious-ids`` or ``mali
 ``seed``, fixed or re-drawn per round) and its ``partition-id``. Every reply carries the model
 (``arrays``), ``metrics`` with ``num-examples`` and ``train-loss``, and a separate ``ground-truth``
 ConfigRecord (the client's true role) that only the metrics code reads, never a defence.
+
+With ``neurotoxin-topk`` > 0 a client that may attack keeps the global model it received in
+``context.state`` (persisted per node by Flower); as an attacker it estimates the benign update as
+(this global − that one) and trains under Neurotoxin's gradient mask.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fltask.attacks import TriggerSpec, boost_update, dba_piece, malicious_partitions
+from fltask.attacks import (
+    TriggerSpec,
+    benign_update_estimate,
+    boost_update,
+    dba_piece,
+    malicious_partitions,
+    neurotoxin_mask,
+)
 from fltask.config import parse_run_config
 from fltask.datasets import load_task_data
 from fltask.models import build_model
@@ -26,6 +37,7 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 _DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per-process cache: (config key, partition) → tensors
+PREV_GLOBAL = "neurotoxin-previous-global"  # context.state key: the global model seen at the last participation
 
 
 def _partition_tensors(cfg, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +78,11 @@ def train(msg: Message, context: Context) -> Message:
     if malicious:
         spec = TriggerSpec.from_config(cfg, data.image_shape[0])
         piece = dba_piece(cfg, pid, server_round) if cfg.attack == "dba" else None
-        poisoning = Poisoning(spec, cfg.poison_rate, piece, cfg.pgd_radius)
+        poisoning = Poisoning(spec, cfg.poison_rate, piece, cfg.pgd_radius,
+                              _neurotoxin(cfg, model, context, pid, server_round))
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    if cfg.neurotoxin_topk > 0 and cfg.attack != "none" and _may_attack(cfg, pid, server_round):
+        context.state[PREV_GLOBAL] = ArrayRecord(global_state)
     t0 = time.perf_counter()
     loss = train_local(
         model, x, y,
@@ -88,6 +103,27 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _may_attack(cfg, pid: int, server_round: int) -> bool:
+    """Whether this client can be an attacker now or later (it then keeps the global for Neurotoxin)."""
+    if cfg.attacker_sampling == "per-round" and not cfg.malicious_id_set:
+        return True
+    return pid in malicious_partitions(cfg, max(server_round, cfg.attack_start_round))
+
+
+def _neurotoxin(cfg, model: torch.nn.Module, context: Context, pid: int, server_round: int):
+    """Neurotoxin's gradient mask from (this global − the global this node saw last), or None when off."""
+    if cfg.neurotoxin_topk <= 0:
+        return None
+    keys = [name for name, p in model.named_parameters() if p.requires_grad]
+    prev = context.state[PREV_GLOBAL].to_torch_state_dict() if PREV_GLOBAL in context.state else None
+    estimate = benign_update_estimate(model.state_dict(), prev, keys)
+    mask = neurotoxin_mask(estimate, cfg.neurotoxin_topk)
+    log.info("client %d round %d: Neurotoxin freezes %.0f%% of %d coordinates (benign estimate from %s)",
+             pid, server_round, 100 * cfg.neurotoxin_topk, sum(m.numel() for m in mask.values()),
+             "the previous global" if prev is not None else "the global weights (no previous global yet)")
+    return mask
 
 
 @app.evaluate()

@@ -11,6 +11,10 @@ functions. Images are float NCHW tensors in [0, 1] here.
   update is boosted by ``boost-factor``.
 * Norm-constrained PGD (Sun et al., 2019, https://arxiv.org/abs/1911.07963): the local model is
   projected back into an L2 ball of radius ``pgd-radius`` around the global model.
+* Neurotoxin (Zhang et al., ICML 2022, https://arxiv.org/abs/2206.10341): the attacker changes only
+  coordinates that benign clients rarely change. The benign update is estimated as (current global −
+  previous global); the ``neurotoxin-topk`` share of coordinates with the largest |estimate| is
+  frozen and every gradient step is projected onto the rest.
 """
 
 from __future__ import annotations
@@ -165,6 +169,74 @@ def boost_update(state: dict[str, torch.Tensor], global_state: dict[str, torch.T
         k: (global_state[k] + factor * (v - global_state[k])) if k in _trainable_keys(state) else v
         for k, v in state.items()
     }
+
+
+def benign_update_estimate(
+    global_state: dict[str, torch.Tensor], previous_global: dict[str, torch.Tensor] | None, keys: list[str]
+) -> dict[str, torch.Tensor]:
+    """Neurotoxin's estimate of the benign update on ``keys``.
+
+    Parameters
+    ----------
+    global_state : dict of str to Tensor
+        The global model this round.
+    previous_global : dict of str to Tensor or None
+        The global model the client saw before (its last participation). ``None`` (first
+        participation) or a mismatching key set: the global weights themselves stand in, so the
+        attacker avoids the largest weights.
+    keys : list of str
+        Parameter names to cover (trainable parameters, no BatchNorm statistics).
+    """
+    usable = previous_global is not None and all(
+        k in previous_global and previous_global[k].shape == global_state[k].shape for k in keys
+    )
+    if not usable:
+        return {k: global_state[k].detach().float().clone() for k in keys}
+    return {k: (global_state[k].detach().float() - previous_global[k].detach().float()) for k in keys}
+
+
+def neurotoxin_mask(benign_update: dict[str, torch.Tensor], topk: float) -> dict[str, torch.Tensor]:
+    """Float 0/1 masks: 0 on the ``topk`` share of coordinates with the largest |benign update|.
+
+    The ranking is global over all tensors (as in the paper's code). Exactly
+    ``round(topk · n)`` of the ``n`` coordinates are excluded (ties broken by ``torch.topk``).
+
+    Parameters
+    ----------
+    benign_update : dict of str to Tensor
+        The estimated benign update per parameter.
+    topk : float
+        Share of coordinates excluded, in [0, 1); 0 keeps everything.
+    """
+    if not 0.0 <= topk < 1.0:
+        raise ValueError(f"run-config key 'neurotoxin-topk' must lie in [0, 1), got {topk!r}")
+    keys = list(benign_update)
+    flat = torch.cat([benign_update[k].reshape(-1).abs().float() for k in keys]) if keys else torch.zeros(0)
+    keep = torch.ones_like(flat)
+    n_out = int(round(topk * flat.numel()))
+    if n_out > 0:
+        keep[torch.topk(flat, n_out).indices] = 0.0
+    out, start = {}, 0
+    for k in keys:
+        n = benign_update[k].numel()
+        out[k] = keep[start : start + n].reshape(benign_update[k].shape)
+        start += n
+    return out
+
+
+def mask_gradients(model: torch.nn.Module, mask: dict[str, torch.Tensor], weight_decay: float = 0.0) -> None:
+    """Project the gradients onto ``mask`` in place (Neurotoxin), weight decay folded in first.
+
+    Weight decay is added to the gradient here (the optimiser then runs without it), so masked
+    coordinates receive no decay either and stay exactly at the global value.
+    """
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if weight_decay:
+            p.grad.add_(p.detach(), alpha=weight_decay)
+        if name in mask:
+            p.grad.mul_(mask[name].to(p.grad))
 
 
 # ---------------------------------------------------------------------------- who attacks

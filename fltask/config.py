@@ -81,6 +81,7 @@ class RunConfig:
     dba_parts: int = 4
     boost_factor: float = 1.0
     pgd_radius: float = 0.0
+    neurotoxin_topk: float = 0.0
     malicious_ids: str = ""
     malicious_fraction: float = 0.2
     attacker_sampling: str = "fixed"
@@ -221,6 +222,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.dba_parts in (2, 4), "dba-parts", "must be 2 or 4")
     need(cfg.boost_factor >= 1.0, "boost-factor", "must be >= 1 (1 = no model replacement)")
     need(cfg.pgd_radius >= 0.0, "pgd-radius", "must be >= 0 (0 = off)")
+    need(0.0 <= cfg.neurotoxin_topk < 1.0, "neurotoxin-topk", "must lie in [0, 1) (0 = off)")
     need(0.0 <= cfg.malicious_fraction <= 1.0, "malicious-fraction", "must lie in [0, 1]")
     need(0.0 <= cfg.trimmed_beta < 0.5, "trimmed-beta", "must lie in [0, 0.5)")
     need(cfg.round_timeout > 0, "round-timeout", "must be > 0 seconds")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fltask.attacks import TriggerSpec, apply_trigger, poison_batch, project_to_ball
+from fltask.attacks import TriggerSpec, apply_trigger, mask_gradients, poison_batch, project_to_ball
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -25,6 +25,7 @@ class Poisoning:
     rate: float
     piece: int | None = None  # DBA piece
     pgd_radius: float = 0.0
+    grad_mask: dict[str, torch.Tensor] | None = None  # Neurotoxin: 0/1 per parameter coordinate
 
 
 def train_local(
@@ -43,7 +44,10 @@ def train_local(
     """SGD for ``epochs`` over (x, y); poisoned batches when ``poisoning`` is given. Returns mean loss."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    grad_mask = poisoning.grad_mask if poisoning is not None else None
+    # with a Neurotoxin mask, weight decay is folded into the masked gradient (masked weights stay put)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                          weight_decay=0.0 if grad_mask is not None else weight_decay)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if poisoning else None
     model.train()
     total, count = 0.0, 0
@@ -60,6 +64,8 @@ def train_local(
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_mask is not None:
+                mask_gradients(model, grad_mask, weight_decay)
             opt.step()
             if poisoning is not None and poisoning.pgd_radius > 0:
                 project_to_ball(model, global_state, poisoning.pgd_radius)
