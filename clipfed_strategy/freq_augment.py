@@ -30,7 +30,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-OPS = ("hf-noise", "hf-patch", "lf-blend", "fft-amp")
+ANCHORS = ("tl", "tr", "bl", "br", "center")
+ANCHORED_PATCH_OPS = tuple(f"patch-{a}" for a in ANCHORS)
+OPS = ("hf-noise", "hf-patch", "lf-blend", "fft-amp") + ANCHORED_PATCH_OPS
 PATCH_PATTERNS = ("binary", "checkerboard", "highpass", "solid")
 
 
@@ -230,16 +232,34 @@ def _patch_pattern(kind: str, c: int, k: int, gen: torch.Generator) -> torch.Ten
     raise FreqAugError(f"unknown patch pattern {kind!r}; choose from {list(PATCH_PATTERNS)}")
 
 
-def hf_patch(x: torch.Tensor, cfg: FreqAugConfig, gen: torch.Generator) -> torch.Tensor:
-    """Paste one random k x k pattern per image at a uniformly random position (BadNets/DBA-like)."""
+def _anchored_origin(anchor: str, h: int, w: int, k: int, gen: torch.Generator) -> tuple[int, int]:
+    """Top-left of a k x k patch near ``anchor`` (a corner or the centre), 0..2 px from the border."""
+    m = int(torch.randint(0, 3 if min(h, w) >= 16 else 2, (1,), generator=gen))
+    if anchor == "center":
+        return (h - k) // 2, (w - k) // 2
+    top = m if anchor[0] == "t" else h - k - m
+    left = m if anchor[1] == "l" else w - k - m
+    return max(top, 0), max(left, 0)
+
+
+def hf_patch(x: torch.Tensor, cfg: FreqAugConfig, gen: torch.Generator, anchor: str | None = None) -> torch.Tensor:
+    """Paste one random k x k pattern per image (BadNets/DBA-like).
+
+    ``anchor=None`` places it uniformly at random; ``"tl"``, ``"tr"``, ``"bl"``, ``"br"`` or
+    ``"center"`` near that corner or the centre, where patch triggers are usually stamped (a
+    position-specific backdoor only fires when the patch lands near its position).
+    """
     n, c, h, w = x.shape
     kmin, kmax = cfg.patch_range(h, w)
     out = x.clone()
     for i in range(n):
         k = int(torch.randint(kmin, kmax + 1, (1,), generator=gen))
         kind = cfg.patch_patterns[int(torch.randint(len(cfg.patch_patterns), (1,), generator=gen))]
-        top = int(torch.randint(h - k + 1, (1,), generator=gen))
-        left = int(torch.randint(w - k + 1, (1,), generator=gen))
+        if anchor is None:
+            top = int(torch.randint(h - k + 1, (1,), generator=gen))
+            left = int(torch.randint(w - k + 1, (1,), generator=gen))
+        else:
+            top, left = _anchored_origin(anchor, h, w, k, gen)
         out[i, :, top : top + k, left : left + k] = _patch_pattern(kind, c, k, gen).to(x.device, x.dtype)
     return out.clamp(0.0, 1.0)
 
@@ -297,6 +317,8 @@ def apply_op(op: str, x: torch.Tensor, cfg: FreqAugConfig, gen: torch.Generator)
         return hf_noise(x, cfg, gen)
     if op == "hf-patch":
         return hf_patch(x, cfg, gen)
+    if op in ANCHORED_PATCH_OPS:
+        return hf_patch(x, cfg, gen, anchor=op.removeprefix("patch-"))
     if op == "lf-blend":
         return lf_blend(x, cfg, gen)
     if op == "fft-amp":

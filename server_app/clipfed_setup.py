@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "sds-generator": "teacher-inversion",
     "sds-images-per-class": 100,
     "sds-min-conf": 0.5,
-    "faug-ops": "hf-noise,hf-patch,lf-blend",
+    "faug-ops": "hf-noise,lf-blend,patch-tl,patch-tr,patch-bl,patch-br,patch-center",
     "faug-copies": 1,
     "clipfed-inner": "fedavg",
 }
