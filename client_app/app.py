@@ -41,8 +41,9 @@ PREV_GLOBAL = "neurotoxin-previous-global"  # context.state key: the global mode
 
 
 def _partition_tensors(cfg, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (cfg.dataset, cfg.dataset_path, cfg.partition, cfg.alpha, cfg.num_clients, cfg.seed,
-           cfg.heldout_size, cfg.lt_imbalance, cfg.max_train_per_client, partition_id)
+    key = (cfg.dataset, cfg.dataset_source, cfg.dataset_path, cfg.test_size, cfg.partition, cfg.alpha,
+           cfg.num_clients, cfg.seed, cfg.heldout_size, cfg.lt_imbalance, cfg.min_partition_size,
+           cfg.max_train_per_client, partition_id)
     if key not in _DATA:
         data = load_task_data(cfg)
         idx = make_split(cfg, data).partitions[partition_id]

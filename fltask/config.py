@@ -169,6 +169,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"run-config key '{key}' must be a number, got {value!r}")
         return float(value)
+    if name == "malicious_ids" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `--run-config malicious-ids=3` arrives as a TOML integer
     if not isinstance(value, str):
         raise ConfigError(f"run-config key '{key}' must be a string, got {value!r}")
     return value

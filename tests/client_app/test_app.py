@@ -109,3 +109,14 @@ def test_evaluate_reply_reports_ma_and_asr():
 def test_supernode_count_mismatch_fails_clearly():
     with pytest.raises(ValueError, match="num-partitions=6.*'num-clients' is 4"):
         client_app(message("train", initial_state(), 0), context(0, run_config(), num_partitions=6))
+
+
+def test_partition_cache_follows_every_setting_that_changes_the_split():
+    """Two runs in one process that differ only in test-size / min-partition-size get their own partitions."""
+    state = initial_state()
+    for over in ({}, {"test-size": 300}, {"min-partition-size": 0}):
+        rc = run_config(**{"max-train-per-client": 0, **over})
+        cfg = parse_run_config(rc)
+        want = len(make_split(cfg, load_task_data(cfg)).partitions[2])
+        reply = client_app(message("train", state, 2), context(2, rc))
+        assert reply.content["metrics"]["num-examples"] == want, over

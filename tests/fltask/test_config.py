@@ -72,6 +72,10 @@ def test_malicious_ids_must_be_integers():
     with pytest.raises(ConfigError, match="'malicious-ids'"):
         parse_run_config({"malicious-ids": "zero,three"})
     assert parse_run_config({"malicious-ids": " 0, 3 ,"}).malicious_id_set == {0, 3}
+    # `flwr run --run-config malicious-ids=3` (no quotes) arrives as a TOML integer
+    assert parse_run_config({"malicious-ids": 3}).malicious_id_set == {3}
+    with pytest.raises(ConfigError, match="'malicious-ids'"):
+        parse_run_config({"malicious-ids": 0.5})
 
 
 def test_missing_dataset_path_fails(tmp_path):
