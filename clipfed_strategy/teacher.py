@@ -351,6 +351,8 @@ def load_teacher(
         Unknown backend, bad templates, or weights that cannot be had (offline, missing file),
         with the run-config keys to change.
     """
+    if isinstance(device, (list, tuple)):
+        raise TypeError("load_teacher(spec, class_names, device=None, templates=None): pass templates by keyword")
     if templates is not None:
         spec = replace(spec, templates=list(templates))
     spec.validate()
