@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "clip-hf-model": "",
     "clip-backend": "",
     "clip-templates": "a photo of a {c}.;a blurry photo of a {c}.;a photo of the {c}.;a close-up photo of a {c}.",
+    "clip-logit-scale": 0.0,
     "standin-epochs": 0,
     "sds-path": "",
     "sds-generator": "teacher-inversion",
@@ -81,6 +83,7 @@ def teacher_spec(cfg: RunConfig, data: TaskData, split: Split) -> TeacherSpec:
         return TeacherSpec.from_strings(
             model=str(_get(cfg, "clip-model")), pretrained=str(_get(cfg, "clip-pretrained")),
             hf_model=str(_get(cfg, "clip-hf-model")), backend=str(_get(cfg, "clip-backend")), templates=templates,
+            logit_scale=float(_get(cfg, "clip-logit-scale")),
         )
     from clipfed_strategy.standin_teacher import load_or_train_standin
 
@@ -89,10 +92,11 @@ def teacher_spec(cfg: RunConfig, data: TaskData, split: Split) -> TeacherSpec:
     preset = "digits" if cfg.dataset == "digits" else "cifar10"
     cache = cfg.cache_path / "standin" / f"{cfg.dataset}-heldout{len(split.heldout)}"
     epochs = int(_get(cfg, "standin-epochs")) or None
-    return load_or_train_standin(
-        data.x_train[split.heldout], data.y_train[split.heldout], list(data.class_names), cache, preset,
-        epochs=epochs, templates=templates.split(";"),
-    )
+    spec = load_or_train_standin(
+        data.x_train[split.heldout], data.y_train[split.heldout], list(data.class_names), cache, preset, epochs=epochs,
+    )  # trained with the stand-in's own varied caption templates; zero-shot uses clip-templates below
+    return replace(spec, templates=[t for t in templates.split(";") if t.strip()],
+                   logit_scale=float(_get(cfg, "clip-logit-scale")))
 
 
 def server_dataset(cfg: RunConfig, data: TaskData, teacher) -> ServerDataset:
