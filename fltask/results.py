@@ -13,7 +13,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = (
-    "round", "ma", "asr", "train_loss", "num_replies", "num_rejected", "tpr", "fpr",
+    "round", "ma", "asr", "train_loss", "num_replies", "num_failures", "num_rejected", "tpr", "fpr",
     "seconds_train", "seconds_server", "seconds_eval",
 )
 

@@ -56,7 +56,8 @@ class RoundReporter:
             losses = [(r["train_loss"], r["num_examples"] or 0) for r in replies.values() if r["train_loss"] is not None]
             n = sum(w for _, w in losses)
             entry["train_loss"] = sum(l * w for l, w in losses) / n if n else None
-            entry["num_replies"] = len(replies)
+            entry["num_replies"] = sum(not r["error"] for r in replies.values())
+            entry["num_failures"] = sum(bool(r["error"]) for r in replies.values())
             entry["seconds_train"] = self.grid.last_seconds
             entry["seconds_server"] = seconds_server
             report = getattr(self.strategy, "last_round_report", None) or {}
@@ -145,13 +146,19 @@ def main(grid: Grid, context: Context) -> None:
     x_test, y_test = to_tensor(data.x_test), torch.from_numpy(data.y_test)
     reporter = RoundReporter(cfg, model, rgrid, built.strategy, recorder, x_test, y_test, asr_trigger(cfg, h))
     t0 = time.perf_counter()
-    run_rounds(
-        built.strategy, rgrid, ArrayRecord(model.state_dict()), cfg.num_server_rounds, reporter,
-        timeout=cfg.round_timeout,
-        checkpoint_path=cfg.results_path / CHECKPOINT if cfg.checkpoint else None,
-        resume=cfg.resume, config_key=config_key(cfg),
-        rounds_so_far=lambda: recorder.rounds, restore_rounds=recorder.restore,
-    )
+    try:
+        run_rounds(
+            built.strategy, rgrid, ArrayRecord(model.state_dict()), cfg.num_server_rounds, reporter,
+            timeout=cfg.round_timeout,
+            checkpoint_path=cfg.results_path / CHECKPOINT if cfg.checkpoint else None,
+            resume=cfg.resume, config_key=config_key(cfg),
+            rounds_so_far=lambda: recorder.rounds, restore_rounds=recorder.restore,
+        )
+    except BaseException as err:
+        recorder.header["status"] = "failed"
+        recorder.header["error"] = f"{type(err).__name__}: {err}"
+        recorder.write()
+        raise
     recorder.header["status"] = "completed"
     recorder.header["seconds_total"] = time.perf_counter() - t0
     recorder.write()
