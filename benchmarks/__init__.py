@@ -1,0 +1,1 @@
+"""Benchmarks: the defence × attack comparison runner (``python -m benchmarks.compare``) and its grids."""
