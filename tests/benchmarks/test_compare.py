@@ -107,6 +107,16 @@ def test_grid_cells_add_the_clean_baseline_and_filter(tmp_path):
     assert all(c.overrides["dataset"] == "digits" for c in only)
 
 
+def test_any_run_config_key_can_be_an_axis(tmp_path):
+    g = load_grid(write_grid(tmp_path, '[grid]\ndefense = ["rlr"]\nattack = ["dba"]\n'
+                                       'attacker-sampling = ["fixed", "per-round"]\nneurotoxin-topk = [0.0, 0.1]\n'))
+    cells = {c.name: c for c in g.cells()}
+    cell = cells["rlr_dba_attacker-sampling-per-round_neurotoxin-topk-0.1"]
+    assert cell.overrides["attacker-sampling"] == "per-round" and cell.overrides["neurotoxin-topk"] == 0.1
+    assert len(cells) == 2 * 2 + 2 * 2  # + the clean cells, one per value of the other axes
+    check_cells(cells.values())
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
