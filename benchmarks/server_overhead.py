@@ -1,0 +1,535 @@
+"""What CLIP-Fed costs the server: seconds per phase, peak memory and ratios, in one run.
+
+Usage::
+
+    python -m benchmarks.server_overhead                 # CPU default (cnn K=10,50,100; resnet18 K=10, small set)
+    python -m benchmarks.server_overhead --quick         # tiny sizes, a smoke run (seconds)
+    python -m benchmarks.server_overhead --full          # GPU: cnn and resnet18 at K=10,50,100, 4,000 images
+        [--ks 10,50,100] [--models cnn,resnet18] [--clean-per-class 100] [--variants 3]
+        [--resnet-ks 10] [--resnet-clean-per-class 10] [--client-images 5000] [--client-batch 32]
+        [--repeats 3] [--device auto] [--threads N] [--chunk-size 16] [--no-loop]
+        [--out benchmarks/results/server_overhead.json]
+
+What is measured, per cell (model × K), each cell in a fresh subprocess (clean peak memory)
+    A synthetic federation of the requested size: random server images (``clean-per-class`` per
+    class of 10 CIFAR classes + ``variants`` augmented copies of each, 32×32×3), random teacher
+    logits / embeddings / prototypes (CLIPFedDefense takes plain arrays, so timing needs no real
+    teacher), and K client replies = the global model plus Gaussian noise, packed as the Flower
+    Messages a ClientApp sends. Then, with the default ``CLIPFedConfig`` (screening batched,
+    collapse metric; distillation 1 epoch over all server rows, batch 128):
+
+    ``round``      the real ``CLIPFed(FedAvg()).aggregate_train`` on those Messages, with its
+                   own per-phase clock: validate / screen / aggregate / distil (median of repeats)
+    ``fedavg``     plain Flower ``FedAvg().aggregate_train`` on the same Messages
+    ``looped``     ``CLIPFedDefense.screen`` with ``screen-batched = false`` (one model at a time)
+    ``floor``      K × one plain ``model(x)`` pass over the N server images (batches of 512,
+                   ``no_grad``, eval), the median over several client models times K
+    ``epoch``      one client's local epoch: ``fltask.training.train_local`` for 1 epoch on
+                   ``client-images`` random images (batch ``client-batch``, lr 0.05)
+
+    Peak memory: resident set size (Linux ``VmHWM``, reset before each phase; the process-lifetime
+    ``ru_maxrss`` where that is impossible) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+
+Ratios: round ÷ FedAvg, round ÷ epoch, batched ÷ looped screening, screening ÷ floor; plus the
+largest server set (rows) for which round ≤ 1.5 × epoch would hold at the measured per-row costs.
+The issue-7 targets (K=50, cnn, CPU) are checked and printed when that cell is in the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NUM_CLASSES = 10
+IMAGE_SIZE = 32
+CHANNELS = 3
+MODELS = ("cnn", "resnet18", "resnet8")
+TARGETS = {"screen_over_floor": 1.2, "batched_over_looped": 1.0, "round_over_epoch": 1.5}
+
+log = logging.getLogger("server_overhead")
+
+
+class BenchmarkConfigError(ValueError):
+    """A benchmark setting outside its allowed values."""
+
+
+@dataclass
+class Cell:
+    """One measurement: a model at K clients with a server set of ``clean_per_class`` × (1 + variants) × 10 rows."""
+
+    model: str
+    k: int
+    clean_per_class: int
+    variants: int = 3
+    client_images: int = 5000
+    client_batch: int = 32
+    repeats: int = 3
+    device: str = "auto"
+    threads: int = 0
+    chunk_size: int = 0
+    loop: bool = True
+    seed: int = 0
+    note: str = ""
+
+    @property
+    def rows(self) -> int:
+        return NUM_CLASSES * self.clean_per_class * (1 + self.variants)
+
+
+# --------------------------------------------------------------------------- measuring helpers
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Peak:
+    """Peak memory of one phase in MiB (``peak``) and its rise over the memory in use before it (``delta``)."""
+
+    peak: float = 0.0
+    delta: float = 0.0
+    kind: str = ""
+
+
+@contextmanager
+def peak_memory(device) -> Iterator[Peak]:
+    """Measure the peak memory of the ``with`` block (CUDA allocator on GPU, RSS on CPU)."""
+    import torch
+
+    out = Peak()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out.peak = torch.cuda.max_memory_allocated(device) / 2**20
+        out.delta = out.peak - base / 2**20
+        out.kind = "cuda max_memory_allocated"
+        return
+    resettable = _reset_rss_peak()
+    base = _status_kb("VmRSS") or 0
+    yield out
+    hwm = _status_kb("VmHWM") if resettable else None
+    if hwm is None:
+        out.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out.kind = "ru_maxrss (process lifetime)"
+    else:
+        out.peak = hwm / 1024
+        out.kind = "VmHWM (RSS, reset per phase)"
+    out.delta = out.peak - base / 1024
+
+
+def timed(fn: Callable[[], Any], repeats: int, device) -> tuple[list[float], Peak, Any]:
+    """Run ``fn`` ``repeats`` times; wall seconds of each, the largest peak, the last result."""
+    import torch
+
+    times, peak, result = [], Peak(), None
+    for _ in range(repeats):
+        with peak_memory(device) as p:
+            t0 = time.perf_counter()
+            result = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        if p.peak >= peak.peak:
+            peak = p
+    return times, peak, result
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------- synthetic federation
+
+
+def synthetic_server_dataset(clean_per_class: int, variants: int, seed: int):
+    """Random uint8 images: ``clean_per_class`` clean rows per class, each with ``variants`` augmented copies."""
+    from clipfed_strategy.server_dataset import ServerDataset
+
+    rng = np.random.default_rng(seed)
+    n_clean = NUM_CLASSES * clean_per_class
+    labels_clean = np.repeat(np.arange(NUM_CLASSES), clean_per_class)
+    src = np.concatenate([np.arange(n_clean)] + [np.arange(n_clean)] * variants)
+    var = np.concatenate([np.zeros(n_clean, dtype=np.int64)] + [np.full(n_clean, v + 1) for v in range(variants)])
+    images = rng.integers(0, 256, size=(len(src), IMAGE_SIZE, IMAGE_SIZE, CHANNELS), dtype=np.uint8)
+    names = ["clean"] + [f"aug{v + 1}" for v in range(variants)]
+    return ServerDataset(images, labels_clean[src], var, src, [f"class{c}" for c in range(NUM_CLASSES)], names)
+
+
+def client_states(global_state: dict[str, np.ndarray], k: int, seed: int, scale: float = 0.01) -> Iterator[dict[str, np.ndarray]]:
+    """K client models: the global model plus Gaussian noise on every float tensor (generated lazily)."""
+    rng = np.random.default_rng(seed + 1)
+    for _ in range(k):
+        yield {
+            name: (v + scale * rng.standard_normal(v.shape, dtype=np.float32)).astype(v.dtype)
+            if v.dtype.kind == "f" and "running_var" not in name else v.copy()
+            for name, v in global_state.items()
+        }
+
+
+def reply(state: dict[str, np.ndarray], num_examples: int, node_id: int):
+    """A ClientApp's train reply (arrays + metrics + ground truth) from node ``node_id``."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.common import Metadata
+
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
+        "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0}),
+        "ground-truth": ConfigRecord({"malicious": False, "partition-id": node_id - 1}),
+    })
+    meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=node_id, dst_node_id=1,
+                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
+                    message_type="train")
+    return Message(content=content, metadata=meta)
+
+
+# --------------------------------------------------------------------------- one cell
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Measure one cell in this process; returns a JSON-friendly dict."""
+    import torch
+    from flwr.serverapp.strategy import FedAvg
+
+    from clipfed_strategy.config import CLIPFedConfig, ScreeningConfig
+    from clipfed_strategy.core import CLIPFedDefense, ClientUpdate, resolve_device
+    from clipfed_strategy.message_api import CLIPFed
+    from fltask.models import build_model
+    from fltask.training import train_local
+
+    if cell.threads > 0:
+        torch.set_num_threads(cell.threads)
+    torch.manual_seed(cell.seed)
+    device = resolve_device(cell.device)
+    R = max(1, cell.repeats)
+    model = build_model(cell.model, CHANNELS, NUM_CLASSES, IMAGE_SIZE)
+    global_state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    sd = synthetic_server_dataset(cell.clean_per_class, cell.variants, cell.seed)
+    rng = np.random.default_rng(cell.seed)
+    n = len(sd)
+    t_logits = (3.0 * rng.standard_normal((n, NUM_CLASSES))).astype(np.float32)
+    emb = rng.standard_normal((n, 512)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    protos = rng.standard_normal((NUM_CLASSES, 512)).astype(np.float32)
+    screen_cfg = ScreeningConfig(chunk_size=cell.chunk_size) if cell.chunk_size > 0 else ScreeningConfig()
+    config = CLIPFedConfig(screen=screen_cfg, device=str(device), seed=cell.seed)
+    t0 = time.perf_counter()
+    defense = CLIPFedDefense(model, sd, t_logits, emb, protos,
+                             {"identity": "random arrays (benchmark)", "is_standin": True}, config)
+    setup_s = time.perf_counter() - t0
+
+    per_client = max(1, 50_000 // cell.k)
+    replies = [reply(s, per_client, i + 1) for i, s in enumerate(client_states(global_state, cell.k, cell.seed))]
+    out: dict[str, Any] = {"cell": asdict(cell), "rows": n, "device": str(device),
+                           "threads": torch.get_num_threads(), "setup_seconds": setup_s,
+                           "model_params": int(sum(v.size for v in global_state.values())),
+                           "load_before": os.getloadavg()[0]}
+
+    # warm-up (first calls pay for kernel selection, lazy init, the distillation head): untimed
+    warm = CLIPFed(FedAvg(), defense)
+    warm.current = global_state
+    warm.aggregate_train(1, replies[: min(3, cell.k)])
+
+    # plain Flower FedAvg aggregation of the same replies
+    fedavg_t, fedavg_mem, _ = timed(lambda: FedAvg().aggregate_train(1, replies), R, device)
+
+    # the real CLIP-Fed round (validate → screen → FedAvg → distil), with its own phase clock
+    strategy = CLIPFed(FedAvg(), defense)
+    strategy.current = global_state  # what configure_train stores
+    phases: dict[str, list[float]] = {}
+    round_t, round_mem = [], Peak()
+    for r in range(R):
+        times, mem, _ = timed(lambda: strategy.aggregate_train(r + 1, replies), 1, device)
+        round_t += times
+        round_mem = mem if mem.peak >= round_mem.peak else round_mem
+        for name, sec in strategy.last_round_report["seconds"].items():
+            phases.setdefault(name, []).append(sec)
+        if strategy.last_round_report["rejected"]:
+            log.info("round rejected %d synthetic replies (screening at work on random models)",
+                     len(strategy.last_round_report["rejected"]))
+
+    updates = [ClientUpdate(str(i), {k: a.numpy() for k, a in m.content["arrays"].items()}, per_client)
+               for i, m in enumerate(replies)]
+    del replies
+
+    # screening alone, batched (memory probe) and looped
+    def screen_with(batched: bool, which: list = updates):
+        defense.config.screen.batched = batched
+        try:
+            return defense.screen(1, global_state, which)
+        finally:
+            defense.config.screen.batched = True
+
+    screen_alone_t, screen_mem, _ = timed(lambda: screen_with(True), 1, device)
+    looped_t, looped_mem = [], Peak()
+    if cell.loop:
+        screen_with(False, updates[:1])  # warm-up
+        looped_t, looped_mem, _ = timed(lambda: screen_with(False), R, device)
+
+    # distillation alone (memory probe)
+    agg_state = {k: torch.from_numpy(v.copy()) for k, v in global_state.items()}
+    distil_alone_t, distil_mem, _ = timed(lambda: defense.distill(1, agg_state), 1, device)
+
+    # the floor: plain forward passes of single client models over the server set
+    plain = copy.deepcopy(model).to(device).eval()
+    x = defense.x
+
+    @torch.no_grad()
+    def forward_all() -> None:
+        for b in range(0, x.shape[0], 512):
+            plain(x[b : b + 512])
+
+    forward_all()  # warm-up
+    fwd_t = []
+    for u in updates[: max(3, R)]:
+        plain.load_state_dict({k: torch.from_numpy(v) for k, v in u.state.items()})
+        fwd_t += timed(forward_all, 1, device)[0]
+    floor_one = median(fwd_t)
+
+    # one client's local epoch
+    g = torch.Generator().manual_seed(cell.seed)
+    xc = torch.rand(cell.client_images, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
+    yc = torch.randint(0, NUM_CLASSES, (cell.client_images,), generator=g).to(device)
+
+    def epoch() -> None:
+        m = copy.deepcopy(model).to(device)
+        train_local(m, xc, yc, epochs=1, lr=0.05, batch_size=cell.client_batch, seed=cell.seed)
+
+    train_local(copy.deepcopy(model).to(device), xc[: 2 * cell.client_batch], yc[: 2 * cell.client_batch],
+                epochs=1, lr=0.05, batch_size=cell.client_batch, seed=cell.seed)  # warm-up
+    epoch_t, epoch_mem, _ = timed(epoch, R, device)
+
+    round_s = median(round_t)
+    screen_s = median(phases.get("screen", []))
+    distil_s = median(phases.get("distill", []))
+    floor_s = cell.k * floor_one
+    epoch_s = median(epoch_t)
+    per_row = (screen_s + distil_s) / n
+    fixed = round_s - screen_s - distil_s
+    out.update({
+        "seconds": {
+            "round": round_s, **{f"round_{k}": median(v) for k, v in phases.items()},
+            "fedavg": median(fedavg_t), "screen_batched_alone": screen_alone_t[0],
+            "screen_looped": median(looped_t) if looped_t else None,
+            "distill_alone": distil_alone_t[0], "forward_one_model": floor_one, "floor": floor_s,
+            "client_epoch": epoch_s,
+        },
+        "samples": {"round": round_t, "fedavg": fedavg_t, "screen": phases.get("screen", []),
+                    "screen_looped": looped_t, "forward_one_model": fwd_t, "client_epoch": epoch_t},
+        "peak_mib": {name: asdict(p) for name, p in (
+            ("round", round_mem), ("fedavg", fedavg_mem), ("screen_batched", screen_mem),
+            ("screen_looped", looped_mem), ("distill", distil_mem), ("client_epoch", epoch_mem))},
+        "ratios": {
+            "round_over_fedavg": round_s / median(fedavg_t),
+            "round_over_epoch": round_s / epoch_s,
+            "batched_over_looped": screen_s / median(looped_t) if looped_t else None,
+            "screen_over_floor": screen_s / floor_s,
+        },
+        # rows of server set for which round ≤ 1.5 × epoch at these per-row costs
+        "break_even_rows": max(0, int((1.5 * epoch_s - fixed) / per_row)) if per_row > 0 else None,
+        "load_after": os.getloadavg()[0],
+    })
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def plan(args: argparse.Namespace) -> list[Cell]:
+    """The cells a command line asks for."""
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in MODELS:
+            raise BenchmarkConfigError(f"--models has {m!r}; allowed values: {', '.join(MODELS)}")
+    ks = [int(k) for k in args.ks.split(",") if k]
+    resnet_ks = [int(k) for k in args.resnet_ks.split(",") if k] if args.resnet_ks else ks
+    if any(k < 1 for k in ks + resnet_ks):
+        raise BenchmarkConfigError("--ks and --resnet-ks must be positive integers")
+    common = dict(variants=args.variants, client_images=args.client_images, client_batch=args.client_batch,
+                  repeats=args.repeats, device=args.device, threads=args.threads, chunk_size=args.chunk_size,
+                  loop=not args.no_loop, seed=args.seed)
+    cells = []
+    for m in models:
+        small = m != "cnn"
+        cpc = args.resnet_clean_per_class if small and args.resnet_clean_per_class else args.clean_per_class
+        for k in (resnet_ks if small else ks):
+            note = "smaller server set" if cpc != args.clean_per_class else ""
+            cells.append(Cell(model=m, k=k, clean_per_class=cpc, note=note, **common))
+    return cells
+
+
+def run_in_subprocess(cell: Cell, timeout: float | None) -> dict[str, Any]:
+    """Run one cell in a fresh interpreter (so its peak memory is its own)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cell.json"
+        cmd = [sys.executable, "-m", "benchmarks.server_overhead", "--cell", json.dumps(asdict(cell)),
+               "--cell-out", str(path)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            tail = (proc.stderr or proc.stdout)[-2000:]
+            return {"cell": asdict(cell), "error": f"exit {proc.returncode}: {tail}"}
+        return json.loads(path.read_text())
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of the cells (seconds are medians over repeats)."""
+    head = ("| model | K | server rows | screen s | looped s | floor s | aggregate s | distil s | round s | "
+            "FedAvg s | client epoch s | peak MiB (round) | round/FedAvg | round/epoch | batched/looped | "
+            "screen/floor | break-even rows |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        c = r["cell"]
+        if "error" in r:
+            lines.append(f"| {c['model']} | {c['k']} | - | error: {r['error'].splitlines()[-1][:80]} |")
+            continue
+        s, q = r["seconds"], r["ratios"]
+        rows = f"{r['rows']}" + (" (smaller)" if c.get("note") else "")
+        lines.append("| " + " | ".join([
+            c["model"], str(c["k"]), rows, _fmt(s["round_screen"]), _fmt(s["screen_looped"]), _fmt(s["floor"]),
+            _fmt(s["round_aggregate"], 3), _fmt(s["round_distill"]), _fmt(s["round"]), _fmt(s["fedavg"], 3),
+            f"{_fmt(s['client_epoch'])} ({c['client_images']} img)", _fmt(r["peak_mib"]["round"]["peak"], 0),
+            _fmt(q["round_over_fedavg"], 1), _fmt(q["round_over_epoch"]), _fmt(q["batched_over_looped"]),
+            _fmt(q["screen_over_floor"]), _fmt(r["break_even_rows"]),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def check_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 7's CPU targets, read from the cnn K=50 cell (``None`` when that cell is not in the run)."""
+    cell = next((r for r in results if "error" not in r and r["cell"]["model"] == "cnn" and r["cell"]["k"] == 50
+                 and r["device"] == "cpu"), None)
+    if cell is None:
+        return {}
+    out = {}
+    for name, limit in TARGETS.items():
+        value = cell["ratios"].get(name)
+        out[name] = {"value": value, "limit": limit, "met": None if value is None else bool(value <= limit)}
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: cnn at K=3,5 on 20 rows, 1 repeat (a smoke run)")
+    p.add_argument("--full", action="store_true",
+                   help="paper scale (meant for a GPU): cnn and resnet18 at K=10,50,100, 100 clean/class")
+    p.add_argument("--ks", default="10,50,100", help="numbers of clients K (CSV); default 10,50,100")
+    p.add_argument("--models", default="cnn,resnet18", help=f"CSV of {', '.join(MODELS)}; default cnn,resnet18")
+    p.add_argument("--clean-per-class", type=int, default=100, help="clean server images per class; default 100")
+    p.add_argument("--variants", type=int, default=3, help="augmented copies of every clean image; default 3")
+    p.add_argument("--resnet-ks", default="10", help="K values for non-cnn models (CSV, '' = --ks); default 10")
+    p.add_argument("--resnet-clean-per-class", type=int, default=10,
+                   help="clean images per class for non-cnn models (0 = --clean-per-class); default 10")
+    p.add_argument("--client-images", type=int, default=5000, help="images in one client's local epoch; default 5000")
+    p.add_argument("--client-batch", type=int, default=32, help="client batch size (fltask default); default 32")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per timing, the median is reported; default 3")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]; default auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--chunk-size", type=int, default=0, help="screen-chunk-size (0 = CLIPFedConfig default)")
+    p.add_argument("--no-loop", action="store_true", help="skip the looped-screening reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cell-timeout", type=float, default=None, help="seconds per cell (default: none)")
+    p.add_argument("--out", default="benchmarks/results/server_overhead.json", help="JSON results file")
+    p.add_argument("--cell", help=argparse.SUPPRESS)
+    p.add_argument("--cell-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick and args.full:
+        raise BenchmarkConfigError("--quick and --full exclude each other")
+    if args.quick:
+        args.ks, args.models, args.clean_per_class, args.variants = "3,5", "cnn", 2, 1
+        args.resnet_ks, args.client_images, args.repeats = "", 64, 1
+    if args.full:
+        args.ks, args.models, args.resnet_ks, args.resnet_clean_per_class = "10,50,100", "cnn,resnet18", "", 0
+    for name in ("clean_per_class", "client_images", "client_batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise BenchmarkConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.variants < 1:
+        raise BenchmarkConfigError("--variants must be >= 1 (screening compares augmented with clean rows)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.cell:
+        result = run_cell(Cell(**json.loads(args.cell)))
+        Path(args.cell_out).write_text(json.dumps(result))
+        return 0
+    cells = plan(args)
+    started = time.time()
+    results = []
+    for cell in cells:
+        print(f"[server_overhead] {cell.model} K={cell.k} rows={cell.rows} (load {os.getloadavg()[0]:.1f}) ...",
+              flush=True)
+        results.append(run_in_subprocess(cell, args.cell_timeout))
+    import torch
+
+    summary = {
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "wall_seconds": time.time() - started,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "load_average_1min": [r.get("load_before") for r in results],
+        "results": results,
+        "targets_cpu_cnn_k50": check_targets(results),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    print(table(results))
+    for name, t in summary["targets_cpu_cnn_k50"].items():
+        print(f"target {name} <= {t['limit']}: {_fmt(t['value'])} -> {'met' if t['met'] else 'NOT met'}")
+    print(f"wrote {out} ({summary['wall_seconds']:.0f} s)")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

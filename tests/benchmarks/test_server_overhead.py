@@ -1,0 +1,96 @@
+"""Server-overhead benchmark: a tiny run writes a complete, consistent JSON file (no speed assertions)."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks.server_overhead import (
+    TARGETS,
+    BenchmarkConfigError,
+    Cell,
+    check_targets,
+    main,
+    parse_args,
+    plan,
+    run_cell,
+    synthetic_server_dataset,
+    table,
+)
+
+TINY = ["--ks", "3", "--models", "cnn", "--clean-per-class", "1", "--variants", "1", "--client-images", "16",
+        "--client-batch", "8", "--repeats", "1", "--threads", "1", "--device", "cpu"]
+
+
+def test_synthetic_server_dataset_layout():
+    sd = synthetic_server_dataset(clean_per_class=2, variants=3, seed=0)
+    assert len(sd) == 10 * 2 * 4
+    assert (sd.variants == 0).sum() == 20
+    # every augmented row points at a clean row of the same label
+    assert (sd.variants[sd.source_index] == 0).all()
+    assert (sd.labels == sd.labels[sd.source_index]).all()
+
+
+def test_plan_sizes_and_errors():
+    args = parse_args(["--ks", "10,50", "--models", "cnn,resnet18", "--resnet-ks", "10",
+                       "--resnet-clean-per-class", "5"])
+    cells = plan(args)
+    assert [(c.model, c.k, c.rows) for c in cells] == [("cnn", 10, 4000), ("cnn", 50, 4000), ("resnet18", 10, 200)]
+    assert cells[2].note and not cells[0].note
+    full = plan(parse_args(["--full"]))
+    assert {(c.model, c.k) for c in full} == {(m, k) for m in ("cnn", "resnet18") for k in (10, 50, 100)}
+    assert all(c.rows == 4000 for c in full)
+    with pytest.raises(BenchmarkConfigError, match="--models"):
+        plan(parse_args(["--models", "vgg"]))
+    with pytest.raises(BenchmarkConfigError, match="exclude"):
+        parse_args(["--quick", "--full"])
+    with pytest.raises(BenchmarkConfigError, match="--variants"):
+        parse_args(["--variants", "0"])
+
+
+def _check_cell(r, k):
+    assert "error" not in r, r.get("error")
+    assert r["cell"]["k"] == k and r["rows"] == 20
+    s = r["seconds"]
+    for name in ("round", "round_validate", "round_screen", "round_aggregate", "round_distill", "fedavg",
+                 "screen_looped", "forward_one_model", "floor", "client_epoch"):
+        assert s[name] > 0 and math.isfinite(s[name]), name
+    # the round's phases are parts of the round's wall time
+    phases = s["round_validate"] + s["round_screen"] + s["round_aggregate"] + s["round_distill"]
+    assert phases <= s["round"] * 1.001
+    assert math.isclose(s["floor"], k * s["forward_one_model"])
+    q = r["ratios"]
+    assert math.isclose(q["round_over_fedavg"], s["round"] / s["fedavg"])
+    assert math.isclose(q["batched_over_looped"], s["round_screen"] / s["screen_looped"])
+    assert math.isclose(q["screen_over_floor"], s["round_screen"] / s["floor"])
+    assert r["peak_mib"]["round"]["peak"] > 0
+
+
+def test_run_cell_in_process():
+    r = run_cell(Cell(model="cnn", k=2, clean_per_class=1, variants=1, client_images=16, client_batch=8,
+                      repeats=2, device="cpu", threads=1, chunk_size=1))
+    _check_cell(r, 2)
+    assert len(r["samples"]["round"]) == 2 and len(r["samples"]["screen_looped"]) == 2
+
+
+def test_cli_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "so.json"
+    assert main(TINY + ["--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 1
+    _check_cell(data["results"][0], 3)
+    assert data["targets_cpu_cnn_k50"] == {}  # no K=50 cell in this run
+    printed = capsys.readouterr().out
+    assert "| cnn | 3 | 20 |" in printed and str(out) in printed
+
+
+def test_targets_read_from_the_cnn_k50_cpu_cell():
+    fake = {"cell": {"model": "cnn", "k": 50}, "device": "cpu",
+            "ratios": {"screen_over_floor": 1.1, "batched_over_looped": 1.3, "round_over_epoch": None}}
+    t = check_targets([fake])
+    assert set(t) == set(TARGETS)
+    assert t["screen_over_floor"]["met"] is True
+    assert t["batched_over_looped"]["met"] is False
+    assert t["round_over_epoch"]["met"] is None
+    assert check_targets([{**fake, "device": "cuda:0"}]) == {}
+    assert "error" in table([{"cell": {"model": "cnn", "k": 5}, "error": "exit 1: boom"}])
