@@ -39,8 +39,8 @@ class CLIPFedLegacy(Strategy):
     Attributes
     ----------
     last_round_report : dict
-        The latest round's decisions (``accepted``/``rejected`` client ids, ``scores``, ``reasons``,
-        ``seconds``, ``distill``).
+        The latest round's decisions (``accepted``/``rejected`` client ids, ``scores``, the kept
+        clients' aggregation ``weights``, ``reasons``, ``seconds``, ``distill``).
     """
 
     def __init__(self, strategy: Strategy, defense: CLIPFedDefense) -> None:
@@ -93,14 +93,18 @@ class CLIPFedLegacy(Strategy):
         outcome = self.defense.screen(server_round, self.current, [u for _, _, u in valid])
         kept: list[tuple[ClientProxy, FitRes]] = []
         scores: dict[str, float] = {}
+        weights: dict[str, float] = {}
         for (proxy, res, u), w, rec, st in zip(valid, outcome.weights, outcome.records, outcome.states):
             if "score" in rec:
                 scores[proxy.cid] = rec["score"]
             if w <= 0:
                 rejected[proxy.cid] = f"screening: {rec.get('reason', 'flagged')}"
                 continue
+            weights[proxy.cid] = float(w)
             params = res.parameters if st is u.state else ndarrays_to_parameters([st[k] for k in self.names])
-            kept.append((proxy, FitRes(res.status, params, max(1, int(round(w))), res.metrics)))
+            # a soft weight stays a float (rounding would lift a down-weighted 0.3 to one full example)
+            num = int(w) if float(w).is_integer() else float(w)
+            kept.append((proxy, FitRes(res.status, params, num, res.metrics)))
         t_screen = time.perf_counter()
         params, metrics = (None, {})
         if kept:
@@ -112,13 +116,13 @@ class CLIPFedLegacy(Strategy):
 
             state = {k: torch.from_numpy(np.array(v)) for k, v in self._named(parameters_to_ndarrays(params)).items()}
             new_state, dstats = self.defense.distill(server_round, state)
-            params = ndarrays_to_parameters([new_state[k].numpy() for k in self.names])
+            params = ndarrays_to_parameters([_as_dtype(new_state[k].numpy(), self.current[k].dtype) for k in self.names])
         else:
             log.warning("round %d: no result accepted (%d rejected): keeping the previous global model", server_round, len(rejected))
         t_end = time.perf_counter()
         seconds = {"screen": t_screen - t0, "aggregate": t_agg - t_screen, "distill": t_end - t_agg}
         self.last_round_report = {"accepted": [p.cid for p, _ in kept], "rejected": sorted(rejected), "scores": scores,
-                                  "reasons": rejected, "seconds": seconds, "distill": dstats,
+                                  "weights": weights, "reasons": rejected, "seconds": seconds, "distill": dstats,
                                   "teacher": self.defense.teacher_info["label"]}
         for cid, reason in rejected.items():
             log.info("round %d: rejected client %s: %s", server_round, cid, reason)
@@ -136,3 +140,11 @@ class CLIPFedLegacy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters):
         return self.strategy.evaluate(server_round, parameters)
+
+
+def _as_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``arr`` in the global model's dtype: inner strategies average integer buffers (BatchNorm's
+    ``num_batches_tracked``) into float64, which the next round's replies would no longer match."""
+    if arr.dtype == dtype:
+        return arr
+    return np.asarray(np.rint(arr) if np.dtype(dtype).kind in "iub" else arr).astype(dtype)

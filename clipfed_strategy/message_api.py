@@ -48,7 +48,8 @@ class CLIPFed(Strategy):
     Attributes
     ----------
     last_round_report : dict
-        The latest round's decisions: ``accepted``/``rejected`` node ids, ``scores``, ``reasons``,
+        The latest round's decisions: ``accepted``/``rejected`` node ids, ``scores``, the
+        aggregation ``weights`` of the kept replies (after soft down-weighting), ``reasons``,
         per-phase ``seconds``, distillation losses and the teacher's label.
     """
 
@@ -104,6 +105,7 @@ class CLIPFed(Strategy):
         outcome = self.defense.screen(server_round, self.current, [u for _, u in valid])
         kept: list[Message] = []
         scores: dict[int, float] = {}
+        weights: dict[int, float] = {}
         for (m, u), w, rec, st in zip(valid, outcome.weights, outcome.records, outcome.states):
             node = m.metadata.src_node_id
             if "score" in rec:
@@ -111,10 +113,11 @@ class CLIPFed(Strategy):
             if w <= 0:
                 rejected[node] = f"screening: {rec.get('reason', 'flagged')}"
                 continue
+            weights[node] = float(w)
             if w != u.num_examples:
                 m.content[self.metricrecord_key][self.weighted_by_key] = float(w)
             if st is not u.state:
-                m.content[self.arrayrecord_key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in st.items()})
+                m.content[self.arrayrecord_key] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in st.items()})
             kept.append(m)
         for node, reason in rejected.items():
             log.info("round %d: rejected node %s: %s", server_round, node, reason)
@@ -127,7 +130,7 @@ class CLIPFed(Strategy):
         dstats: dict[str, float] = {}
         if arrays is not None:
             state, dstats = self.defense.distill(server_round, arrays.to_torch_state_dict())
-            arrays = ArrayRecord(state)
+            arrays = self._like_global(ArrayRecord(state))
         else:
             log.warning("round %d: no reply was accepted (%d rejected): keeping the previous global model",
                         server_round, len(rejected))
@@ -139,6 +142,7 @@ class CLIPFed(Strategy):
             "accepted": [m.metadata.src_node_id for m in kept],
             "rejected": sorted(rejected),
             "scores": scores,
+            "weights": weights,
             "reasons": rejected,
             "seconds": seconds,
             "distill": dstats,
@@ -156,6 +160,23 @@ class CLIPFed(Strategy):
         for k, v in seconds.items():
             out[f"clipfed-seconds-{k}"] = float(v)
         return arrays, out
+
+    def _like_global(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The new model with the global model's dtypes.
+
+        Inner strategies average integer buffers (BatchNorm's ``num_batches_tracked``) into
+        float64; left so, the next round's replies (int64 again) would all fail validation.
+        """
+        assert self.current is not None
+        fixed = {}
+        for k, a in arrays.items():
+            ref = self.current.get(k)
+            if ref is not None and a.dtype != str(ref.dtype):
+                v = a.numpy()
+                fixed[k] = Array(np.asarray(np.rint(v) if ref.dtype.kind in "iub" else v, order="C").astype(ref.dtype))
+        if not fixed:
+            return arrays
+        return ArrayRecord({k: fixed.get(k, a) for k, a in arrays.items()})
 
     def _parse(self, m: Message) -> tuple[dict[str, np.ndarray], Any, str | None]:
         """The reply's model state and example count, or a reason it is malformed."""
