@@ -29,6 +29,8 @@ ENV PATH=/python/venv/bin:$PATH \
     LC_ALL=C.UTF-8 \
     HOME=/app
 USER app
+# created by `app` (WORKDIR alone may create it root-owned, and `sed -i` needs a writable folder)
+RUN mkdir -p /app/clipfed
 WORKDIR /app/clipfed
 
 RUN python -m pip install --no-cache-dir -U pip \

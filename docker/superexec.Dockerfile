@@ -14,6 +14,8 @@ ARG FLWR_VERSION=1.42.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # The base image runs as the non-root user `app` (uid 49999), HOME=/app, venv /python/venv on PATH.
+# created by `app` (WORKDIR alone may create it root-owned, and `sed -i` needs a writable folder)
+RUN mkdir -p /app/clipfed
 WORKDIR /app/clipfed
 
 # torch first (own layer, CPU wheels), then pin what is installed so the project install keeps it.

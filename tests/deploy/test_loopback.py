@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 NUM_NODES = 3
 ATTACKER = 2
-RUN_DEADLINE_S = 600.0   # a run on an idle 2-core machine takes well under a minute; shared CI boxes are slower
+RUN_DEADLINE_S = 600.0   # measured: 150-190 s per 2-round run on 2 cores shared with other jobs (load ~10)
 STOP_GRACE_S = 20.0      # SuperLink/SuperNode take several seconds to shut down on SIGTERM under load
 FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
 
@@ -236,13 +236,13 @@ class Federation:
 
         Each ``flwr ls`` costs a second or more of CPU (it imports flwr), which the federation itself
         needs on a small machine: between calls, cheap hints (the ServerApp wrote
-        ``status: completed``, or its process is gone) trigger the next call early.
+        ``status`` completed/failed, or its process is gone) trigger the next call early.
         """
         end, next_ls, serverapp_seen = time.monotonic() + deadline_s, 0.0, False
         while time.monotonic() < end:
             running_apps = children(self.procs["superexec-serverapp"].pid)
             serverapp_seen |= bool(running_apps)
-            hint = (serverapp_seen and not running_apps) or _metrics_status(metrics) == "completed"
+            hint = (serverapp_seen and not running_apps) or _metrics_status(metrics) in ("completed", "failed")
             if hint or time.monotonic() >= next_ls:
                 run = self.status(run_id)
                 if run["status"].startswith("finished"):
@@ -294,6 +294,8 @@ def app_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     and resolves every file below the app directory before filtering, .venv included (~55k
     files): that alone took 60-90 s per `flwr run` on a loaded 2-core machine.
     """
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs Linux /proc to find the processes the Flower services spawn")
     for name in FLOWER_TOOLS:
         tool(name)
     out = tmp_path_factory.mktemp("app")
@@ -464,6 +466,7 @@ def test_loopback_run_survives_a_killed_supernode(app_dir: Path, tmp_path: Path,
                               "loop-kill")
     assert rounds[1]["num_replies"] == NUM_NODES and rounds[1]["attackers"] == [ATTACKER], rounds[1]
     assert rounds[2]["attackers"] == [], f"the killed attacker must not contribute to round 2: {rounds[2]}"
+    assert (rounds[2]["num_replies"], rounds[2]["num_failures"]) == (NUM_NODES - 1, 1), rounds[2]
     assert rounds[2]["train_loss"] is not None, "round 2 aggregates the replies it has"
     # the ServerApp waited for the SuperLink to declare the node offline (>= 36 s after the kill)
     assert rounds[2]["seconds_train"] > 20, rounds[2]
