@@ -22,7 +22,8 @@ class ValidationConfig:
     ----------
     max_update_norm_ratio : float, default 50.0
         Reject when ‖w_i − w_t‖ exceeds this multiple of the median update norm of the round's
-        structurally valid replies (0 disables). Catches absurd boosts without a fixed scale.
+        structurally valid replies (0 disables; needs 3 such replies; replies identical to the
+        global model are left out of the median). Catches absurd boosts without a fixed scale.
     max_abs_value : float, default 1e6
         Reject any parameter whose absolute value exceeds this (0 disables).
     max_num_examples : int, default 10_000_000
@@ -38,7 +39,7 @@ def check_structure(
     arrays: Mapping[str, Any], reference: Mapping[str, np.ndarray], num_examples: Any, cfg: ValidationConfig
 ) -> str | None:
     """Reason the reply is malformed, or ``None``. Checks keys, shapes, dtypes, finiteness, count."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer, float)):
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer, float, np.floating)):
         return f"num-examples missing or not a number ({type(num_examples).__name__})"
     if not float(num_examples).is_integer() or num_examples <= 0:
         return f"num-examples must be a positive integer, got {num_examples}"
@@ -86,8 +87,13 @@ def validate_replies(
     ok = [i for i, r in enumerate(reasons) if r is None]
     if cfg.max_update_norm_ratio > 0 and len(ok) >= 3:
         norms = {i: update_norm(replies[i][0], reference) for i in ok}
-        med = float(np.median(list(norms.values())))
-        limit = cfg.max_update_norm_ratio * max(med, 1e-12)
+        # replies that return the global model untouched (norm 0) say nothing about the scale of a
+        # real update; counted, a majority of them would make every trained model "absurd"
+        moved = [nrm for nrm in norms.values() if nrm > 0]
+        if not moved:
+            return reasons
+        med = float(np.median(moved))
+        limit = cfg.max_update_norm_ratio * med
         for i, nrm in norms.items():
             if nrm > limit:
                 reasons[i] = f"update norm {nrm:.3g} is absurd (> {cfg.max_update_norm_ratio:g} × median {med:.3g})"
