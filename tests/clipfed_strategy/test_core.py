@@ -1,0 +1,252 @@
+"""``CLIPFedDefense``: the framework-free core (validate → screen → distil) with hand-made teacher outputs."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfed_strategy.core import ClientUpdate, clip_to_median_norm, teacher_label
+from clipfed_strategy.validation import update_norm
+
+
+def _helpers():
+    """This directory's conftest.py as a module (its plain helper functions)."""
+    name = "clipfed_strategy_tests_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+H = _helpers()
+BACKDOOR = 5
+
+
+def np_state(model_or_state) -> dict[str, np.ndarray]:
+    state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def test_rows_and_teacher_outputs_are_wired(small_server_set):
+    sds = small_server_set
+    d = H.make_defense(H.tiny_net(0), sds)
+    clean = np.flatnonzero(sds.variants == 0)
+    aug = np.flatnonzero(sds.variants > 0)
+    assert d.clean_rows.tolist() == clean.tolist() and d.aug_rows.tolist() == aug.tolist()
+    # position (within the clean rows) of every augmented row's source image
+    assert d.aug_source_pos.tolist() == [int(np.flatnonzero(clean == s)[0]) for s in sds.source_index[aug]]
+    assert d.x.shape == (len(sds), 1, 8, 8) and d.x.dtype == torch.float32
+    assert float(d.x.min()) >= 0.0 and float(d.x.max()) <= 1.0
+    assert torch.allclose(d.text_prototypes.norm(dim=1), torch.ones(10))
+    assert d.param_names == list(H.tiny_net(0).state_dict())
+
+
+def test_teacher_outputs_must_cover_every_row(small_server_set):
+    logits, emb, protos = H.teacher_arrays(small_server_set)
+    from clipfed_strategy.config import CLIPFedConfig
+    from clipfed_strategy.core import CLIPFedDefense
+
+    with pytest.raises(ValueError, match=f"cover {len(logits) - 1} rows, the server dataset has {len(logits)}"):
+        CLIPFedDefense(H.tiny_net(0), small_server_set, logits[:-1], emb, protos, {"identity": "x"},
+                       CLIPFedConfig(device="cpu"))
+
+
+def test_template_model_is_not_changed(small_server_set):
+    model = H.tiny_net(0)
+    before = np_state(model)
+    d = H.make_defense(model, small_server_set, distill={"steps": 2, "batch_size": 32})
+    d.distill(1, {k: torch.from_numpy(v) for k, v in before.items()})
+    assert all(np.array_equal(before[k], v) for k, v in np_state(model).items())
+
+
+def test_teacher_label_never_calls_a_stand_in_clip():
+    assert teacher_label("open_clip:ViT-B-32:openai", False) == "CLIP teacher: open_clip:ViT-B-32:openai"
+    label = teacher_label("open_clip:clipfed-standin-digits:/c.pt@ab", True)
+    assert label.startswith("STAND-IN teacher") and "NOT CLIP" in label
+
+
+# --------------------------------------------------------------------------- validate and screen
+
+
+def test_validate_delegates_to_the_configured_limits(small_server_set):
+    from clipfed_strategy.validation import ValidationConfig
+
+    d = H.make_defense(H.tiny_net(0), small_server_set, validation=ValidationConfig(max_num_examples=100))
+    g = np_state(H.tiny_net(0))
+    bad = dict(g, **{"fc2.bias": np.full(10, np.nan, np.float32)})
+    assert d.validate(g, [(g, 10), (bad, 10), (g, 0), (g, 101)]) == [
+        None, "parameter 'fc2.bias' contains NaN or Inf", "num-examples must be a positive integer, got 0",
+        "num-examples 101 is absurd (> 100)"]
+
+
+def _updates(n: int, scale: float = 0.01) -> tuple[dict, list[ClientUpdate]]:
+    g = np_state(H.tiny_net(0))
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        s = {k: (v + scale * (i + 1) * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+             for k, v in g.items()}
+        out.append(ClientUpdate(str(i), s, 10.0 * (i + 1)))
+    return g, out
+
+
+def test_screening_disabled_passes_everyone_with_their_counts(small_server_set):
+    d = H.make_defense(H.tiny_net(0), small_server_set, screen={"enabled": False})
+    g, ups = _updates(4)
+    out = d.screen(1, g, ups)
+    assert out.weights == [10.0, 20.0, 30.0, 40.0] and out.flagged == [False] * 4
+    assert out.enforced is False and all(s is u.state for s, u in zip(out.states, ups))
+
+
+def test_too_few_clients_are_scored_but_not_acted_on(small_server_set):
+    d = H.make_defense(H.tiny_net(0), small_server_set, screen={"min_clients": 3})
+    g, ups = _updates(2)
+    out = d.screen(1, g, ups)
+    assert out.enforced is False and out.weights == [10.0, 20.0]
+    assert all("score" in r for r in out.records)
+
+
+def test_batched_and_looped_screening_agree(small_server_set):
+    g, ups = _updates(5)
+    batched = H.make_defense(H.tiny_net(0), small_server_set, screen={"batched": True, "chunk_size": 2})
+    looped = H.make_defense(H.tiny_net(0), small_server_set, screen={"batched": False})
+    lb, _ = batched.client_logits([u.state for u in ups], need_features=False)
+    ll, _ = looped.client_logits([u.state for u in ups], need_features=False)
+    assert lb.shape == (5, len(small_server_set), 10)
+    torch.testing.assert_close(lb, ll, rtol=1e-4, atol=1e-5)
+    rb, rl = batched.screen(1, g, ups), looped.screen(1, g, ups)
+    assert rb.weights == rl.weights
+    assert [r["score"] for r in rb.records] == pytest.approx([r["score"] for r in rl.records], abs=1e-4)
+
+
+def test_clip_to_median_norm_by_hand():
+    g = {"w": np.zeros(2, np.float32), "bn.running_mean": np.zeros(1, np.float32), "n": np.array(3, np.int64)}
+
+    def s(x, y, rm=0.0):
+        return {"w": np.array([x, y], np.float32), "bn.running_mean": np.array([rm], np.float32),
+                "n": np.array(9, np.int64)}
+
+    states = [s(3, 4), s(0, 1), s(0, 2), s(30, 40, rm=7.0)]
+    out, limit = clip_to_median_norm(states, g, [True, True, True, False])
+    assert limit == pytest.approx(2.0)  # median of 5, 1, 2 (the dropped client's norm does not count)
+    np.testing.assert_allclose(out[0]["w"], [1.2, 1.6], rtol=1e-6)
+    assert out[1] is states[1] and out[2] is states[2]  # at or below the median: untouched
+    np.testing.assert_allclose(out[3]["w"], [1.2, 1.6], rtol=1e-6)
+    assert out[3]["bn.running_mean"][0] == 7.0 and out[3]["n"] == 9  # statistics and counters untouched
+    assert out[0]["w"].dtype == np.float32 and out[3]["n"].shape == ()
+    assert clip_to_median_norm(states, g, [False] * 4) == (states, None)
+
+
+def test_screen_with_median_clipping_reports_the_limit(small_server_set):
+    d = H.make_defense(H.tiny_net(0), small_server_set, screen={"clip_norm": "median"})
+    g, ups = _updates(5)
+    out = d.screen(1, g, ups)
+    norms = [update_norm(u.state, g) for u in ups]
+    kept = [nrm for nrm, w in zip(norms, out.weights) if w > 0]
+    assert out.clip_norm == pytest.approx(float(np.median(kept)))
+    assert max(update_norm(st, g) for st in out.states) <= out.clip_norm * (1 + 1e-5)
+
+
+# --------------------------------------------------------------------------- distil
+
+
+def test_distillation_schedule(small_server_set):
+    d = H.make_defense(H.tiny_net(0), small_server_set, distill_start_round=2, distill_every=3)
+    assert [r for r in range(1, 10) if d.should_distill(r)] == [2, 5, 8]
+    state = {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(3)).items()}
+    out, stats = d.distill(3, state)
+    assert stats == {} and all(out[k] is state[k] for k in state)
+    off = H.make_defense(H.tiny_net(0), small_server_set, distill_enabled=False)
+    assert not any(off.should_distill(r) for r in range(1, 5))
+
+
+@pytest.mark.parametrize("data, teacher_input", [("clean+aug", "clean"), ("clean", "clean"), ("aug", "aug"),
+                                                 ("aug", "clean")])
+def test_distill_feeds_the_configured_rows_and_teacher_targets(small_server_set, monkeypatch, data, teacher_input):
+    sds = small_server_set
+    d = H.make_defense(H.tiny_net(0), sds, distill_data=data, distill_teacher_input=teacher_input)
+    d.teacher_logits = torch.arange(len(sds), dtype=torch.float32)[:, None].repeat(1, 10)  # row id as logit
+    seen = {}
+
+    def fake(model, x, labels, teacher_logits, protos, cfg):
+        seen.update(x=x, labels=labels, teacher=teacher_logits, protos=protos, seed=cfg.seed)
+        return {"steps": 0}
+
+    monkeypatch.setattr(d.distiller, "distill", fake)
+    d.distill(4, {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(0)).items()})
+    rows = {"clean+aug": np.arange(len(sds)), "clean": np.flatnonzero(sds.variants == 0),
+            "aug": np.flatnonzero(sds.variants > 0)}[data]
+    assert torch.equal(seen["x"], d.x[rows]) and seen["labels"].tolist() == sds.labels[rows].tolist()
+    teacher_rows = sds.source_index[rows] if teacher_input == "clean" else rows
+    assert seen["teacher"][:, 0].long().tolist() == teacher_rows.tolist()
+    assert seen["seed"] == d.config.distill.seed + 4  # a fresh shuffle every round, reproducible
+
+
+def test_prototype_kinds(small_server_set):
+    sds = small_server_set
+    text = H.make_defense(H.tiny_net(0), sds, distill_proto="text")
+    assert torch.equal(text.prototypes(), text.text_prototypes)
+    image = H.make_defense(H.tiny_net(0), sds, distill_proto="image").prototypes()
+    clean = torch.from_numpy(np.flatnonzero(sds.variants == 0))
+    for c in range(10):
+        rows = clean[torch.from_numpy(sds.labels[clean.numpy()] == c)]
+        torch.testing.assert_close(image[c], F.normalize(text.teacher_emb[rows].mean(0), dim=0))
+    mix = H.make_defense(H.tiny_net(0), sds, distill_proto="mix").prototypes()
+    torch.testing.assert_close(mix, F.normalize(image + text.text_prototypes, dim=-1))
+    assert torch.allclose(mix.norm(dim=1), torch.ones(10))
+
+
+@pytest.fixture(scope="module")
+def backdoored(digits_federation):
+    """The BadNets client of the digits federation (2×2 bottom-right patch → class 0)."""
+    fed = digits_federation
+    return fed, fed.train_client(BACKDOOR, fed.global_state)
+
+
+def test_distill_lowers_a_backdoored_models_asr(backdoored):
+    P = H.digits_fl()
+    fed, model = backdoored
+    asr0, acc0 = P.attack_success(model, fed.x_test, fed.y_test), P.accuracy(model, fed.x_test, fed.y_test)
+    d = H.make_defense(P.make_cnn(), fed.server_set, distill={"epochs": 2})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    new_state, stats = d.distill(1, state)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # input not modified
+    cleaned = P.make_cnn()
+    cleaned.load_state_dict(new_state)
+    asr1, acc1 = P.attack_success(cleaned, fed.x_test, fed.y_test), P.accuracy(cleaned, fed.x_test, fed.y_test)
+    assert asr0 >= 0.8, asr0
+    assert asr1 <= asr0 / 2, (asr0, asr1)
+    assert acc1 >= acc0 - 0.04, (acc0, acc1)
+    assert stats["steps"] == 2 * int(np.ceil(len(fed.server_set) / 128)) and stats["kl"] > 0 and stats["pcl"] > 0
+    assert all(v.device.type == "cpu" for v in new_state.values())
+
+
+def test_projection_head_state_round_trips(small_server_set):
+    cfg = {"distill": {"steps": 3, "batch_size": 32}}
+    a = H.make_defense(H.tiny_net(0), small_server_set, **cfg)
+    assert a.state_dict() == {"head": {}}  # no head before the first distillation
+    state = {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(5)).items()}
+    a.distill(1, state)
+    saved = copy.deepcopy(a.state_dict())
+    assert set(saved["head"]) == {"0.weight", "0.bias"} and saved["head"]["0.weight"].shape == (H.EMBED_DIM, 16)
+    b = H.make_defense(H.tiny_net(0), small_server_set, **cfg)
+    b.load_state_dict(saved)
+    fresh = H.make_defense(H.tiny_net(0), small_server_set, **cfg)
+    out_a, _ = a.distill(2, state)
+    out_b, _ = b.distill(2, state)
+    out_fresh, _ = fresh.distill(2, state)
+    assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)  # restored head == continued head
+    assert not all(torch.equal(out_a[k], out_fresh[k]) for k in out_a)  # the head matters
+    assert all(torch.equal(a.state_dict()["head"][k], b.state_dict()["head"][k]) for k in saved["head"])
