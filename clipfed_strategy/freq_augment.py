@@ -160,6 +160,29 @@ class FreqAugConfig:
         kmin, kmax = min(kmin, s), min(kmax, s)
         return kmin, max(kmin, kmax)
 
+    @classmethod
+    def from_mapping(cls, mapping: dict) -> "FreqAugConfig":
+        """Build from ``{"rho-hi": "0.6", "patch_max": 4, "patch-patterns": "binary,solid"}``-style
+        settings (kebab or snake keys, strings or numbers); unknown keys raise naming the allowed ones."""
+        names = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in mapping.items():
+            name = str(key).strip().replace("-", "_")
+            if name not in names:
+                allowed = ", ".join(n.replace("_", "-") for n in names)
+                raise FreqAugError(f"unknown frequency-augmentation setting {key!r}; allowed: {allowed}")
+            if name == "patch_patterns":
+                value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
+            elif name in ("patch_min", "patch_max"):
+                value = None if value in (None, "", "auto") else int(value)
+            else:
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise FreqAugError(f"frequency-augmentation setting {key!r} must be a number, got {value!r}") from None
+            kwargs[name] = value
+        return cls(**kwargs)
+
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 

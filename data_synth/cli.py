@@ -42,6 +42,13 @@ def _add_build(sub) -> None:
     p.add_argument("--images-per-class", type=int, default=100, help="clean images per class after filtering")
     p.add_argument("--faug-ops", default="hf-noise,hf-patch,lf-blend", help=f"CSV of {','.join(OPS)} ('' = none)")
     p.add_argument("--faug-copies", type=int, default=1)
+    p.add_argument(
+        "--faug-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a FreqAugConfig setting, e.g. eps-max=0.2, patch-max=4, rho-hi=0.6 (repeatable)",
+    )
     p.add_argument("--min-conf", type=float, default=0.5, help="teacher prob of the intended class to keep an image")
     p.add_argument("--no-filter", action="store_true", help="keep every generated image")
     p.add_argument("--balance", default="min", choices=BALANCE_MODES)
@@ -49,6 +56,7 @@ def _add_build(sub) -> None:
     p.add_argument("--chunk-size", type=int, default=100, help="images per class per checkpointed chunk")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto|cpu|cuda[:i]")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--force", action="store_true", help="rebuild even if OUT holds the same build")
     p.add_argument("--no-progress", action="store_true")
     t = p.add_argument_group("teacher (clipfed_strategy.teacher.TeacherSpec)")
@@ -88,6 +96,16 @@ def _add_inspect(sub) -> None:
     p.add_argument("--sheet-dir", default=None, help="where to write one PNG per class (default DIR/sheets)")
     p.add_argument("--per-row", type=int, default=12, help="clean images per contact sheet")
     p.add_argument("--no-sheets", action="store_true")
+
+
+def _key_values(items: list[str], flag: str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SynthError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def generator_options(args) -> dict:
@@ -140,6 +158,11 @@ def cmd_build(args) -> int:
     from clipfed_strategy.freq_augment import parse_ops
 
     parse_ops(args.faug_ops)  # fail before loading any model
+    faug_params = FreqAugConfig.from_mapping(_key_values(args.faug_param, "--faug-param"))
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     teacher = load_cli_teacher(args, class_names, device)
     ds = build_server_dataset(
@@ -156,7 +179,7 @@ def cmd_build(args) -> int:
         seed=args.seed,
         device=device,
         generator_options=generator_options(args),
-        faug_params=FreqAugConfig(),
+        faug_params=faug_params,
         filter=not args.no_filter,
         balance=args.balance,
         max_oversample=args.max_oversample,

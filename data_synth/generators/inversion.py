@@ -39,23 +39,26 @@ class InversionConfig:
     Parameters
     ----------
     steps : int
-        Optimisation steps per batch. Default 200.
+        Optimisation steps per batch. Default 100.
     lr : float
-        Adam learning rate on the (pre-sigmoid) parameters. Default 0.1.
+        Adam learning rate on the (pre-sigmoid) parameters. Default 0.25.
     param : str
-        ``"dct"`` (default): images are ``sigmoid(IDCT2(z * w))`` with ``w = (1 + u + v)^-dct_decay``,
-        which favours smooth images; ``"pixel"``: ``sigmoid(z)``.
+        ``"pixel"`` (default): images are ``sigmoid(z)``; ``"dct"``: ``sigmoid(IDCT2(z * w))`` with
+        ``w = (1 + u + v)^-dct_decay``, which favours smooth images.
     dct_decay : float
         Spectral decay of the ``dct`` parameterisation. Default 0.5.
     w_tv : float
         Weight of the (anisotropic, mean absolute) total variation. Default 0.05.
     w_l2 : float
-        Weight of ``mean((x - 0.5)^2)``. Default 0.01.
+        Weight of ``mean((x - 0.5)^2)``. Default 0 (the BatchNorm prior sets intensities better).
     w_div : float
         Weight of the mean pairwise cosine similarity of same-class embeddings. Default 0.2.
     w_bn : float
         Weight of the BatchNorm statistics prior (0 = off; ignored when the teacher has no
-        BatchNorm). Default 0.01.
+        BatchNorm). Default 0.1.
+    bn_first_mult : float
+        Extra weight of the first BatchNorm layer (low-level statistics: intensity, contrast),
+        as in DeepInversion's reference code. Default 10.
     jitter : int or None
         Max roll in pixels per step; None = ``max(1, round(min(H, W) / 16))``.
     flip : bool or None
@@ -66,14 +69,15 @@ class InversionConfig:
         Std of the initial parameters. Default 0.5.
     """
 
-    steps: int = 200
-    lr: float = 0.1
-    param: str = "dct"
+    steps: int = 100
+    lr: float = 0.25
+    param: str = "pixel"
     dct_decay: float = 0.5
     w_tv: float = 0.05
-    w_l2: float = 0.01
+    w_l2: float = 0.0
     w_div: float = 0.2
-    w_bn: float = 0.01
+    w_bn: float = 0.1
+    bn_first_mult: float = 10.0
     jitter: int | None = None
     flip: bool | None = None
     batch_size: int = 1000
@@ -84,7 +88,7 @@ class InversionConfig:
             raise SynthError(f"inversion param {self.param!r} not allowed; choose from {list(PARAMS)}")
         if self.steps < 1 or self.batch_size < 1:
             raise SynthError(f"inversion steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-        for name in ("lr", "w_tv", "w_l2", "w_div", "w_bn", "init_std", "dct_decay"):
+        for name in ("lr", "w_tv", "w_l2", "w_div", "w_bn", "bn_first_mult", "init_std", "dct_decay"):
             if getattr(self, name) < 0:
                 raise SynthError(f"inversion {name} must be >= 0, got {getattr(self, name)}")
 
@@ -126,7 +130,8 @@ def _teacher_modules(teacher) -> list[torch.nn.Module]:
 class _BNStatsPrior:
     """Forward hooks collecting ``||mu - running_mean|| + ||var - running_var||`` per BN layer."""
 
-    def __init__(self, teacher):
+    def __init__(self, teacher, first_mult: float = 1.0):
+        self.first_mult = float(first_mult)
         self.layers = []
         seen = set()
         for mod in _teacher_modules(teacher):
@@ -156,7 +161,7 @@ class _BNStatsPrior:
     def pop(self) -> torch.Tensor | None:
         if not self.terms:
             return None
-        out = torch.stack(self.terms).sum()
+        out = self.first_mult * self.terms[0] + sum(self.terms[1:], self.terms[0].new_zeros(()))
         self.terms = []
         return out
 
@@ -219,7 +224,7 @@ class TeacherInversionGenerator:
         h, w = ctx.resolution
         self.jitter = self.config.jitter if self.config.jitter is not None else max(1, round(min(h, w) / 16))
         self.flip = self.config.flip if self.config.flip is not None else ctx.channels == 3
-        self.bn_prior = _BNStatsPrior(ctx.teacher) if self.config.w_bn > 0 else None
+        self.bn_prior = _BNStatsPrior(ctx.teacher, self.config.bn_first_mult) if self.config.w_bn > 0 else None
         if self.bn_prior is not None and not self.bn_prior.layers:
             self.bn_prior = None
         log.info(
@@ -260,8 +265,9 @@ class TeacherInversionGenerator:
         teacher = ctx.teacher
         protos = teacher.text_prototypes.to(dev).float()
         scale = float(teacher.logit_scale)
-        per_class = torch.bincount(labels, minlength=len(ctx.class_names)).float().clamp_min(1).to(dev)
-        sample_w = 1.0 / per_class[y]  # each class contributes its mean, whatever its count
+        per_class = torch.bincount(labels, minlength=len(ctx.class_names)).float().to(dev)
+        n_cls = int((per_class > 0).sum())
+        sample_w = 1.0 / (per_class.clamp_min(1)[y] * n_cls)  # mean over classes of per-class means
         bn = self.bn_prior or contextlib.nullcontext()
         with bn, tqdm(range(cfg.steps), desc=desc, disable=not ctx.progress, leave=False) as bar:
             for _ in bar:
@@ -274,7 +280,7 @@ class TeacherInversionGenerator:
                 per_sample = per_sample + cfg.w_tv * total_variation(x) + cfg.w_l2 * (x - 0.5).pow(2).flatten(1).mean(1)
                 loss = (per_sample * sample_w).sum()
                 if cfg.w_div > 0:
-                    loss = loss + cfg.w_div * class_similarity(emb, y)
+                    loss = loss + cfg.w_div * class_similarity(emb, y) / n_cls
                 if self.bn_prior is not None:
                     term = self.bn_prior.pop()
                     if term is not None:

@@ -98,12 +98,12 @@ def test_bad_inputs_stop_clearly(tmp_path, oracle_teacher, digits_by_class, list
 
 
 def test_teacher_inversion_end_to_end(tmp_path, oracle_teacher):
-    opts = {"steps": 100, "batch_size": 64}
+    opts = {"steps": 60, "batch_size": 64}
     ds = _build(tmp_path / "inv", oracle_teacher, "teacher-inversion", images_per_class=3, generator_options=opts, faug_ops="fft-amp")
     clean = ds.clean_mask()
     assert ds.images.shape[1:] == (8, 8, 1) and clean.sum() == 30
     assert (oracle_teacher.zero_shot_logits(ds.to_tensors()[0][clean]).argmax(1).numpy() == ds.labels[clean]).all()
-    assert ds.meta["generator"]["name"] == "teacher-inversion" and ds.meta["generator"]["config"]["steps"] == 100
+    assert ds.meta["generator"]["name"] == "teacher-inversion" and ds.meta["generator"]["config"]["steps"] == 60
     assert ds.meta["filter"]["teacher_top1"] > 0.8
     again = _build(tmp_path / "inv2", oracle_teacher, "teacher-inversion", images_per_class=3, generator_options=opts, faug_ops="fft-amp")
     assert again.content_hash() == ds.content_hash()  # seeded

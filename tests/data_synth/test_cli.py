@@ -1,5 +1,7 @@
 """``python -m data_synth build|inspect`` through ``data_synth.cli.main``."""
 
+import json
+
 import numpy as np
 from PIL import Image
 
@@ -21,10 +23,11 @@ def test_build_then_inspect(tmp_path, capsys):
     rc = main([
         "build", "--out", str(out), "--generator", "folder", "--folder", str(root), "--dataset-classes", "zero,one",
         "--resolution", "8", "--channels", "1", "--images-per-class", "3", "--faug-ops", "hf-patch,lf-blend",
-        "--faug-copies", "2", "--no-filter", "--no-progress",
+        "--faug-copies", "2", "--faug-param", "blend-max=0.3", "--no-filter", "--no-progress",
     ])
     assert rc == 0
     assert "(30 images, 6 clean" in capsys.readouterr().out  # per class: 3 clean + 2 ops x 2 copies x 3
+    assert json.loads((out / "manifest.json").read_text())["faug"]["params"]["blend_max"] == 0.3
     rc = main(["inspect", str(out), "--sheet-dir", str(tmp_path / "sheets")])
     text = capsys.readouterr().out
     assert rc == 0
@@ -48,6 +51,8 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
     assert rc == 2 and "is not a directory" in capsys.readouterr().err
     rc = main(["build", "--out", str(out), "--dataset-classes", "digits", "--standin", str(tmp_path)])
     assert rc == 2 and "holds no finished stand-in" in capsys.readouterr().err
+    rc = main(["build", "--out", str(out), "--dataset-classes", "digits", "--faug-param", "eps-max"])
+    assert rc == 2 and "expects KEY=VALUE" in capsys.readouterr().err
     rc = main(["inspect", str(out)])
     assert rc == 2 and "manifest.json is missing" in capsys.readouterr().err
     assert not out.exists()

@@ -134,3 +134,15 @@ def test_augment_dataset_round_trips(tmp_path, digits):
     back = ServerDataset.load(tmp_path / "sds")
     assert back.content_hash() == ds.content_hash()
     assert back.meta["faug"]["ops"] == ["hf-noise", "lf-blend"]
+
+
+def test_config_from_run_config_strings():
+    cfg = FreqAugConfig.from_mapping({"eps-max": "0.2", "patch_max": "4", "patch-patterns": "binary,solid", "patch-min": "auto"})
+    assert cfg.eps_max == 0.2 and cfg.patch_max == 4 and cfg.patch_min is None
+    assert cfg.patch_patterns == ("binary", "solid") and cfg.patch_range(8, 8) == (1, 4)
+    with pytest.raises(FreqAugError, match="allowed: rho-hi, rho-lo"):
+        FreqAugConfig.from_mapping({"eps": "0.1"})
+    with pytest.raises(FreqAugError, match="must be a number"):
+        FreqAugConfig.from_mapping({"rho-hi": "high"})
+    with pytest.raises(FreqAugError, match="patch_patterns"):
+        FreqAugConfig.from_mapping({"patch-patterns": "stars"})
