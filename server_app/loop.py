@@ -81,7 +81,7 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_
     arrays, start = initial_arrays, 1
     state = load_checkpoint(checkpoint_path, config_key) if (resume and checkpoint_path) else None
     if state is not None:
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state["arrays"].items()})
+        arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in state["arrays"].items()})
         load_strategy_state(strategy, state["strategy"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
