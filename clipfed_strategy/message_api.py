@@ -50,6 +50,7 @@ class CLIPFed(Strategy):
     last_round_report : dict
         The latest round's decisions: ``accepted``/``rejected`` node ids, ``scores``, the
         aggregation ``weights`` of the kept replies (after soft down-weighting), ``reasons``,
+        ``metrics_dropped`` (client metrics not reported alike by all kept replies),
         per-phase ``seconds``, distillation losses and the teacher's label.
     """
 
@@ -123,6 +124,7 @@ class CLIPFed(Strategy):
             log.info("round %d: rejected node %s: %s", server_round, node, reason)
         t_screen = time.perf_counter()
 
+        dropped_metrics = self._harmonise_metrics(server_round, kept)
         arrays, metrics = (None, None)
         if kept:
             arrays, metrics = self.strategy.aggregate_train(server_round, kept)
@@ -144,6 +146,7 @@ class CLIPFed(Strategy):
             "scores": scores,
             "weights": weights,
             "reasons": rejected,
+            "metrics_dropped": dropped_metrics,
             "seconds": seconds,
             "distill": dstats,
             "screen_enforced": outcome.enforced,
@@ -160,6 +163,30 @@ class CLIPFed(Strategy):
         for k, v in seconds.items():
             out[f"clipfed-seconds-{k}"] = float(v)
         return arrays, out
+
+    def _harmonise_metrics(self, server_round: int, kept: list[Message]) -> list[str]:
+        """Keep only the metrics every kept reply reports with the same kind of value.
+
+        Flower's strategies raise on MetricRecords whose keys (or value kinds) differ between
+        replies, so one reply with an extra, missing or list-valued metric would otherwise abort
+        the round. The models are not affected; the dropped metric names are returned.
+        """
+        if not kept:
+            return []
+
+        def kind(v: Any) -> tuple:
+            return ("list", len(v)) if isinstance(v, list) else ("scalar",)
+
+        records = [m.content[self.metricrecord_key] for m in kept]
+        shared = set(records[0].keys()).intersection(*(r.keys() for r in records[1:]))
+        keep = {k for k in shared if len({kind(r[k]) for r in records}) == 1}
+        dropped = sorted(set().union(*(r.keys() for r in records)) - keep)
+        if dropped:
+            for m, r in zip(kept, records):
+                m.content[self.metricrecord_key] = MetricRecord({k: v for k, v in r.items() if k in keep})
+            log.info("round %d: metrics %s are not reported alike by all kept replies: left out of the aggregate",
+                     server_round, dropped)
+        return dropped
 
     def _like_global(self, arrays: ArrayRecord) -> ArrayRecord:
         """The new model with the global model's dtypes.

@@ -418,6 +418,8 @@ def test_all_benign_replies_are_accepted(hostile_env):
     strategy, grid, result = run(None, distill=True)
     report = strategy.last_round_report
     assert report["rejected"] == [] and sorted(report["accepted"]) == sorted(grid.node_ids)
+    assert report["metrics_dropped"] == []
+    assert result.train_metrics_clientapp[1]["train-loss"] == pytest.approx(0.5)
     assert report["distill"]["steps"] == 2  # distillation ran on the aggregate
     assert all(np.all(np.isfinite(v)) for v in states_of(result.arrays).values())
 
@@ -444,6 +446,34 @@ def test_hostile_reply_is_rejected_with_its_reason(hostile_env, kind):
     assert all(np.all(np.isfinite(v)) for v in states_of(result.arrays).values() if v.dtype.kind == "f")
     assert_close_arrays(result.arrays, expected)
     assert result.train_metrics_clientapp[1]["clipfed-rejected"] == 1
+
+
+ODD_METRICS = {
+    "extra-metric": (lambda r: r.__setitem__("evil", 1.0), ["evil"]),
+    "missing-metric": (lambda r: r.__delitem__("train-loss"), ["train-loss"]),
+    "list-metric": (lambda r: r.__setitem__("train-loss", [0.1, 0.2]), ["train-loss"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ODD_METRICS))
+def test_odd_client_metrics_do_not_abort_the_round(hostile_env, kind, monkeypatch):
+    """Flower's FedAvg raises when MetricRecord keys differ between replies; one client must not be
+    able to stop the round that way. Its model is fine, so it is kept; the odd metric is left out."""
+    mutate, dropped = ODD_METRICS[kind]
+
+    def odd(content):
+        mutate(content["metrics"])
+        return content
+
+    monkeypatch.setitem(HOSTILE, kind, (odd, ""))
+    run, _ = hostile_env
+    strategy, grid, result = run(kind)
+    report = strategy.last_round_report
+    assert report["rejected"] == [] and len(report["accepted"]) == NODES
+    assert report["metrics_dropped"] == dropped
+    metrics = result.train_metrics_clientapp[1]
+    assert metrics["clipfed-accepted"] == NODES and all(k not in metrics for k in dropped)
+    assert len(result.arrays) == len(GLOBAL)
 
 
 def test_client_error_reply_is_rejected_and_round_goes_on(hostile_env):
