@@ -115,6 +115,13 @@ class CLIPFedDefense:
         self.text_prototypes = F.normalize(
             torch.as_tensor(np.asarray(text_prototypes), dtype=torch.float32, device=self.device), dim=-1
         )
+        if self.config.screen.enabled and len(self.aug_rows) == 0:
+            raise ValueError(
+                "the server dataset has no augmented variants, but screening compares clean and augmented behaviour: "
+                "rebuild it with frequency augmentation (faug-ops / `data_synth build --faug-ops`) or set screen-enabled=false"
+            )
+        if len(self.clean_rows) == 0:
+            raise ValueError("the server dataset has no clean rows")
         if self.teacher_logits.shape[0] != len(y):
             raise ValueError(f"teacher outputs cover {self.teacher_logits.shape[0]} rows, the server dataset has {len(y)}")
         self.distiller = Distiller(
@@ -166,24 +173,40 @@ class CLIPFedDefense:
             return ScreeningOutcome(n, [False] * len(updates), [{} for _ in updates], states, False, time.perf_counter() - t0)
         need_feats = cfg.w_proto > 0
         logits, feats = self.client_logits(states, need_feats)
-        scores = self._scores(logits, feats)
-        reference = None
-        if cfg.rule == "threshold":
-            g_logits, g_feats = self.client_logits([global_state], need_feats)
-            reference = {m: v[0] for m, v in self._scores(g_logits, g_feats).items()}
-        decision = screen(
-            scores, cfg.weights, rule=cfg.rule, mode=cfg.mode, reference=reference,
-            z_thr=cfg.z_thr, gap=cfg.gap, abs_thr=cfg.abs_thr, max_reject_frac=cfg.max_reject_frac,
-            min_kept=cfg.min_kept, min_clients=cfg.min_clients, soft_beta=cfg.soft_beta, num_examples=n,
-            min_collapse=cfg.min_collapse, class_names=self.class_names,
-        )
-        weights = [float(w) for w in decision.weights]
-        flagged = [bool(f) for f in decision.flagged]
+        # A model with NaN/Inf outputs on the server set (e.g. negative BatchNorm variances) is broken
+        # whatever the statistics say; its scores would also turn every robust z-score into NaN.
+        finite = torch.isfinite(logits).flatten(1).all(1)
+        if feats is not None:
+            finite &= torch.isfinite(feats).flatten(1).all(1)
+        ok = [int(i) for i in torch.nonzero(finite).flatten()]
+        weights = [0.0] * len(updates)
+        flagged = [True] * len(updates)
+        records: list[dict[str, Any]] = [{"flagged": True, "weight": 0.0,
+                                          "reason": "non-finite outputs (NaN/Inf) on the server dataset"}
+                                         for _ in updates]
+        enforced = False
+        if ok:
+            scores = self._scores(logits[ok], None if feats is None else feats[ok])
+            reference = None
+            if cfg.rule == "threshold":
+                g_logits, g_feats = self.client_logits([global_state], need_feats)
+                reference = {m: v[0] for m, v in self._scores(g_logits, g_feats).items()}
+            decision = screen(
+                scores, cfg.weights, rule=cfg.rule, mode=cfg.mode, reference=reference,
+                z_thr=cfg.z_thr, gap=cfg.gap, abs_thr=cfg.abs_thr, max_reject_frac=cfg.max_reject_frac,
+                min_kept=cfg.min_kept, min_clients=cfg.min_clients, soft_beta=cfg.soft_beta,
+                num_examples=[n[i] for i in ok], min_collapse=cfg.min_collapse, class_names=self.class_names,
+            )
+            for j, (i, rec) in enumerate(zip(ok, decision.records())):
+                weights[i], flagged[i], records[i] = float(decision.weights[j]), bool(decision.flagged[j]), rec
+            enforced = decision.enforced
+        if len(ok) < len(updates):
+            log.warning("round %d: %d client model(s) give non-finite outputs on the server dataset: dropped",
+                        server_round, len(updates) - len(ok))
         clip_to = None
         if cfg.clip_norm == "median":
             states, clip_to = clip_to_median_norm(states, global_state, [w > 0 for w in weights])
-        return ScreeningOutcome(weights, flagged, decision.records(), states, decision.enforced,
-                                time.perf_counter() - t0, clip_to)
+        return ScreeningOutcome(weights, flagged, records, states, enforced, time.perf_counter() - t0, clip_to)
 
     def _scores(self, logits: torch.Tensor, feats: torch.Tensor | None) -> dict[str, torch.Tensor]:
         cfg = self.config.screen
@@ -212,6 +235,10 @@ class CLIPFedDefense:
         stats = self.distiller.distill(self.student, self.x[rows], self.y[rows], self.teacher_logits[teacher_rows],
                                        self.prototypes(), dcfg)
         new_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+            log.warning("round %d: distillation produced non-finite weights (loss %s): keeping the aggregated model",
+                        server_round, stats.get("total"))
+            return dict(state), {**stats, "non_finite": 1.0}
         return new_state, stats
 
     def _distill_rows(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ from fltask.models import build_model
 from fltask.partition import make_split
 from fltask.results import RunRecorder, detection_rates
 from fltask.training import attack_success_rate, main_accuracy, to_tensor
-from server_app.loop import CHECKPOINT, run_rounds
+from server_app.loop import CHECKPOINT, run_rounds, wait_for_nodes
 from server_app.recording_grid import RecordingGrid
 from server_app.strategies import build_strategy
 
@@ -147,6 +147,7 @@ def main(grid: Grid, context: Context) -> None:
     reporter = RoundReporter(cfg, model, rgrid, built.strategy, recorder, x_test, y_test, asr_trigger(cfg, h))
     t0 = time.perf_counter()
     try:
+        wait_for_nodes(rgrid, cfg.num_clients, cfg.round_timeout)
         run_rounds(
             built.strategy, rgrid, ArrayRecord(model.state_dict()), cfg.num_server_rounds, reporter,
             timeout=cfg.round_timeout,

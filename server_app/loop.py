@@ -73,6 +73,18 @@ def load_checkpoint(path: Path, config_key: str) -> dict[str, Any] | None:
     return state
 
 
+def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> None:
+    """Block until ``num_nodes`` nodes are connected, or raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < num_nodes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {connected} of {num_nodes} nodes connected after {timeout:.0f}s (run-config 'num-clients' "
+                f"= {num_nodes}; simulation: --federation-config \"num-supernodes={num_nodes}\")"
+            )
+        time.sleep(1.0)
+
+
 def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int,
                evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None], *, timeout: float | None,
                checkpoint_path: Path | None, resume: bool, config_key: str,
