@@ -38,7 +38,8 @@ class ValidationConfig:
 def check_structure(
     arrays: Mapping[str, Any], reference: Mapping[str, np.ndarray], num_examples: Any, cfg: ValidationConfig
 ) -> str | None:
-    """Reason the reply is malformed, or ``None``. Checks keys, shapes, dtypes, finiteness, count."""
+    """Reason the reply is malformed, or ``None``. Checks keys, shapes, dtypes, finiteness, count,
+    and that BatchNorm running variances (``*running_var``) are not negative."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer, float, np.floating)):
         return f"num-examples missing or not a number ({type(num_examples).__name__})"
     if not float(num_examples).is_integer() or num_examples <= 0:
@@ -64,6 +65,10 @@ def check_structure(
                 return f"parameter {name!r} contains NaN or Inf"
             if cfg.max_abs_value > 0 and arr.size and float(np.max(np.abs(arr))) > cfg.max_abs_value:
                 return f"parameter {name!r} has |value| > {cfg.max_abs_value:g}"
+            if name.endswith("running_var") and np.any(arr < 0):
+                # finite and excluded from the update norm, yet averaged in they make the global
+                # model's BatchNorm divide by sqrt(negative): NaN outputs for everyone
+                return f"parameter {name!r} has negative variances"
     return None
 
 

@@ -131,6 +131,32 @@ def test_batched_and_looped_screening_agree(small_server_set):
     assert [r["score"] for r in rb.records] == pytest.approx([r["score"] for r in rl.records], abs=1e-4)
 
 
+def test_models_with_non_finite_outputs_are_dropped_and_do_not_blind_screening(small_server_set):
+    """Screening after validation normally; called directly, a model whose outputs are NaN (negative
+    BatchNorm variances) must be dropped with a reason, and the others judged as without it."""
+    d = H.make_defense(H.tiny_net(0), small_server_set)
+    g, ups = _updates(5)
+    broken = dict(ups[2].state, **{"bn.running_var": np.full(4, -1.0, np.float32)})
+    with_broken = [ups[0], ups[1], ClientUpdate("2", broken, 30.0), ups[3], ups[4]]
+    out = d.screen(1, g, with_broken)
+    alone = d.screen(1, g, [ups[i] for i in (0, 1, 3, 4)])
+    assert out.weights[2] == 0.0 and out.flagged[2] is True
+    assert out.records[2]["reason"] == "non-finite outputs (NaN/Inf) on the server dataset"
+    assert "score" not in out.records[2]
+    assert [out.weights[i] for i in (0, 1, 3, 4)] == alone.weights
+    assert [out.records[i]["score"] for i in (0, 1, 3, 4)] == [r["score"] for r in alone.records]
+    assert out.enforced is True
+
+
+def test_distillation_that_diverges_keeps_the_aggregate(small_server_set):
+    d = H.make_defense(H.tiny_net(0), small_server_set, distill={"steps": 2, "batch_size": 32})
+    state = {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(0)).items()}
+    state["bn.running_var"] = torch.full((4,), -1.0)  # NaN forward pass -> NaN loss -> NaN weights
+    out, stats = d.distill(1, state)
+    assert stats["non_finite"] == 1.0
+    assert all(torch.equal(out[k], state[k]) for k in state)
+
+
 def test_clip_to_median_norm_by_hand():
     g = {"w": np.zeros(2, np.float32), "bn.running_mean": np.zeros(1, np.float32), "n": np.array(3, np.int64)}
 

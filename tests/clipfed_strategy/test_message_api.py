@@ -376,6 +376,9 @@ HOSTILE = {
     "num-examples-missing": (_num_examples(None), r"num-examples missing or not a number \(NoneType\)"),
     "num-examples-list": (_num_examples([10, 20]), r"num-examples missing or not a number \(list\)"),
     "absurd-update-norm": (_boosted(1e6), r"update norm .* is absurd \(> 50 × median"),
+    # finite, small and outside the update norm, yet averaged in it makes every output NaN
+    "negative-running-var": (lambda c: _edit(c, "bn.running_var", lambda a: np.full_like(a, -50.0)),
+                             r"'bn.running_var' has negative variances"),
     "undecodable-bytes": (_undecodable, r"undecodable arrays \(\w+"),
 }
 

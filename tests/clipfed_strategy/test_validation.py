@@ -60,6 +60,7 @@ def test_a_sane_reply_passes():
     (with_("backdoor.mask", np.ones(3, np.float32)), "unexpected parameters ['backdoor.mask']"),
     (with_("fc.bias", [0.0, 0.0, 0.0]), "parameter 'fc.bias' is not an array (list)"),
     (with_("conv.weight", np.full((2, 1, 3, 3), 2e6, np.float32)), "parameter 'conv.weight' has |value| > 1e+06"),
+    (with_("bn.running_var", np.array([1, -0.5], np.float32)), "parameter 'bn.running_var' has negative variances"),
 ])
 def test_structural_problems_have_a_reason(arrays, reason):
     assert check_structure(arrays, REF, 50, CFG) == reason
@@ -104,6 +105,10 @@ def test_limits_are_configurable():
     assert check_structure(big, REF, 50, ValidationConfig(max_abs_value=0)) is None
     assert check_structure(big, REF, 50, ValidationConfig(max_abs_value=3e6)) is None
     assert check_structure(reply(), REF, 200, ValidationConfig(max_num_examples=100)).endswith("absurd (> 100)")
+
+
+def test_zero_variances_are_allowed():
+    assert check_structure(with_("bn.running_var", np.zeros(2, np.float32)), REF, 50, CFG) is None
 
 
 def test_integer_entries_are_not_checked_for_finiteness_or_magnitude():

@@ -222,11 +222,13 @@ def test_clipfed_projection_head_survives_a_checkpoint(tmp_path):
     from clipfed_strategy.config import CLIPFedConfig
     from clipfed_strategy.core import CLIPFedDefense
     from clipfed_strategy.distillation import DistillConfig
+    from clipfed_strategy.freq_augment import augment_dataset
     from clipfed_strategy.server_dataset import ServerDataset
 
     d = load_digits()
     images = np.round(d.images[:60] / 16.0 * 255).astype(np.uint8)[..., None]
-    sds = ServerDataset(images, d.target[:60], np.zeros(60), np.arange(60), [str(c) for c in range(10)])
+    sds = augment_dataset(ServerDataset(images, d.target[:60], np.zeros(60), np.arange(60),
+                                        [str(c) for c in range(10)]), "hf-patch", seed=0)
     g = torch.Generator().manual_seed(0)
     protos = torch.nn.functional.normalize(torch.randn(10, 8, generator=g), dim=1).numpy()
     logits = 5.0 * np.eye(10, dtype=np.float32)[sds.labels]
