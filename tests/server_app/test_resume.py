@@ -28,9 +28,10 @@ NUM_CLIENTS = 4
 SMALL = {"num-clients": NUM_CLIENTS, "num-server-rounds": ROUNDS, "local-epochs": 1, "max-train-per-client": 120,
          "malicious-ids": "0", "fraction-evaluate": 0.0, "seed": 7}
 # CLIP-Fed made cheap: a server set built here (no synthesis), a 1-epoch stand-in teacher, 3 distillation
-# steps with a prototype loss strong enough that a lost projection head would change the numbers
+# steps with a prototype loss strong enough that a lost projection head would change the numbers;
+# on CPU, where the comparison can be bit-exact (CUDA kernels need not be deterministic)
 CLIPFED = {"defense": "clipfed", "standin-epochs": 1, "distill-steps": 3, "distill-batch": 64,
-           "distill-lambda-pcl": 0.5}
+           "distill-lambda-pcl": 0.5, "device": "cpu"}
 
 
 class Killed(RuntimeError):
