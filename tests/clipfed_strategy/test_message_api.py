@@ -326,6 +326,13 @@ def _without(record):
     return mutate
 
 
+def _add_record(name, record):
+    def mutate(content):
+        content[name] = record
+        return content
+    return mutate
+
+
 def _drop_array(key):
     def mutate(content):
         arrays = {k: a for k, a in content["arrays"].items() if k != key}
@@ -361,12 +368,12 @@ HOSTILE = {
     "int-dtype-buffer": (lambda c: _edit(c, "bn.num_batches_tracked", lambda a: a.astype(np.float32)), r"'bn.num_batches_tracked' has dtype float32, expected int64"),
     "missing-key": (_drop_array("fc2.bias"), r"missing parameters \['fc2.bias'\]"),
     "extra-key": (lambda c: _set(c, "trojan.weight", np.ones(3, np.float32)), r"unexpected parameters \['trojan.weight'\]"),
-    "two-arrayrecords": (lambda c: (c.__setitem__("shadow", ArrayRecord({"x": Array(np.ones(2, np.float32))})), c)[1],
+    "two-arrayrecords": (_add_record("shadow", ArrayRecord({"x": Array(np.ones(2, np.float32))})),
                          r"expected exactly one ArrayRecord 'arrays', got \['arrays', 'shadow'\]"),
     "renamed-arrayrecord": (lambda c: RecordDict({"weights": c["arrays"], "metrics": c["metrics"]}),
                             r"expected exactly one ArrayRecord 'arrays', got \['weights'\]"),
     "missing-metricrecord": (_without("metrics"), r"expected exactly one MetricRecord 'metrics', got \[\]"),
-    "two-metricrecords": (lambda c: (c.__setitem__("more", MetricRecord({"x": 1.0})), c)[1],
+    "two-metricrecords": (_add_record("more", MetricRecord({"x": 1.0})),
                           r"expected exactly one MetricRecord 'metrics'"),
     "num-examples-zero": (_num_examples(0), r"num-examples must be a positive integer, got 0"),
     "num-examples-negative": (_num_examples(-7), r"num-examples must be a positive integer, got -7"),
@@ -407,7 +414,7 @@ def hostile_env(small_server_set):
         return strategy, grid, result
 
     _, grid, _ = run(None)
-    benign = [Message(content=benign_content(p), metadata=copy.copy(_meta(grid, p))) for p in range(1, NODES)]
+    benign = [Message(content=benign_content(p), metadata=_meta(grid, p)) for p in range(1, NODES)]
     expected, _ = fedavg(NODES - 1).aggregate_train(1, benign)
     return run, in_dtypes_of(expected, ArrayRecord(GLOBAL))
 
