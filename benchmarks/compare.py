@@ -311,9 +311,32 @@ def run_grid(out: Path, cells: list[Cell], jobs: int = 1, threads: int | None = 
             log.error("FAILED %s (exit %s) after %.0fs: see %s", cell.name, rec["returncode"], rec["seconds"], rec["log"])
         return rec
 
+    first = teacher_builders(todo) if jobs > 1 else []
+    if first:
+        log.info("running %s alone first: it builds the cached teacher and server dataset the others reuse",
+                 ", ".join(c.name for c in first))
+        records.extend(one(c) for c in first)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        records.extend(pool.map(one, todo))
+        records.extend(pool.map(one, [c for c in todo if c not in first]))
     return records
+
+
+TEACHER_DEFENSES = ("clipfed", "fltrust")
+TEACHER_CACHE_KEYS = ("dataset", "dataset-path", "heldout-size", "cache-dir", "clip-teacher", "clip-model",
+                      "clip-pretrained", "sds-path", "sds-generator", "sds-images-per-class")
+
+
+def teacher_builders(cells: list[Cell]) -> list[Cell]:
+    """One cell per distinct teacher/server-dataset setting among the cells that need them.
+
+    Run alone before the rest when cells run in parallel, so two cells never train the same
+    cached stand-in teacher or synthesise the same server dataset at the same time.
+    """
+    seen: dict[tuple, Cell] = {}
+    for cell in cells:
+        if cell.overrides.get("defense") in TEACHER_DEFENSES:
+            seen.setdefault(tuple(repr(cell.overrides.get(k)) for k in TEACHER_CACHE_KEYS), cell)
+    return list(seen.values())
 
 
 # ---------------------------------------------------------------------------- aggregation (pure)

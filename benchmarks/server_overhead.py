@@ -73,19 +73,27 @@ class BenchmarkConfigError(ValueError):
 
 @dataclass
 class Cell:
-    """One measurement: a model at K clients with a server set of ``clean_per_class`` × (1 + variants) × 10 rows."""
+    """One measurement in its own subprocess.
+
+    ``kind="round"``: a CLIP-Fed server round of ``model`` at ``k`` clients with a server set of
+    ``clean_per_class`` × (1 + ``variants``) × 10 rows. ``kind="epoch"``: one client's local epoch
+    on ``epoch_images`` images (its time is scaled to ``client_images`` when fewer are trained).
+    """
 
     model: str
-    k: int
-    clean_per_class: int
+    kind: str = "round"
+    k: int = 10
+    clean_per_class: int = 10
     variants: int = 3
     client_images: int = 5000
+    epoch_images: int = 5000
     client_batch: int = 32
     repeats: int = 3
     device: str = "auto"
     threads: int = 0
     chunk_size: int = 0
     loop: bool = True
+    vmap: bool = True
     seed: int = 0
     note: str = ""
 
@@ -226,17 +234,55 @@ def reply(state: dict[str, np.ndarray], num_examples: int, node_id: int):
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Measure one cell in this process; returns a JSON-friendly dict."""
     import torch
+
+    if cell.threads > 0:
+        torch.set_num_threads(cell.threads)
+    torch.manual_seed(cell.seed)
+    if cell.kind == "epoch":
+        return _run_epoch(cell)
+    if cell.kind != "round":
+        raise BenchmarkConfigError(f"cell kind is {cell.kind!r}; allowed values: round, epoch")
+    return _run_round(cell)
+
+
+def _run_epoch(cell: Cell) -> dict[str, Any]:
+    """One client's local epoch with ``fltask.training.train_local`` (lr 0.05, momentum 0.9)."""
+    import torch
+
+    from clipfed_strategy.core import resolve_device
+    from fltask.models import build_model
+    from fltask.training import train_local
+
+    device = resolve_device(cell.device)
+    model = build_model(cell.model, CHANNELS, NUM_CLASSES, IMAGE_SIZE)
+    g = torch.Generator().manual_seed(cell.seed)
+    xc = torch.rand(cell.epoch_images, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
+    yc = torch.randint(0, NUM_CLASSES, (cell.epoch_images,), generator=g).to(device)
+
+    def epoch(images: int) -> None:
+        m = copy.deepcopy(model).to(device)
+        train_local(m, xc[:images], yc[:images], epochs=1, lr=0.05, batch_size=cell.client_batch, seed=cell.seed)
+
+    epoch(2 * cell.client_batch)  # warm-up
+    load = os.getloadavg()[0]
+    times, mem, _ = timed(lambda: epoch(cell.epoch_images), cell.repeats, device)
+    measured = median(times)
+    return {"cell": asdict(cell), "device": str(device), "threads": torch.get_num_threads(), "load_before": load,
+            "seconds": {"client_epoch_measured": measured,
+                        "client_epoch": measured * cell.client_images / cell.epoch_images},
+            "samples": {"client_epoch": times}, "peak_mib": {"client_epoch": asdict(mem)},
+            "extrapolated": cell.epoch_images != cell.client_images, "load_after": os.getloadavg()[0]}
+
+
+def _run_round(cell: Cell) -> dict[str, Any]:
+    import torch
     from flwr.serverapp.strategy import FedAvg
 
     from clipfed_strategy.config import CLIPFedConfig, ScreeningConfig
     from clipfed_strategy.core import CLIPFedDefense, ClientUpdate, resolve_device
     from clipfed_strategy.message_api import CLIPFed
     from fltask.models import build_model
-    from fltask.training import train_local
 
-    if cell.threads > 0:
-        torch.set_num_threads(cell.threads)
-    torch.manual_seed(cell.seed)
     device = resolve_device(cell.device)
     R = max(1, cell.repeats)
     model = build_model(cell.model, CHANNELS, NUM_CLASSES, IMAGE_SIZE)
@@ -254,58 +300,60 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     defense = CLIPFedDefense(model, sd, t_logits, emb, protos,
                              {"identity": "random arrays (benchmark)", "is_standin": True}, config)
     setup_s = time.perf_counter() - t0
+    default_method = "vmap" if device.type != "cpu" else "sequential"  # what eval_method="auto" picks
 
     per_client = max(1, 50_000 // cell.k)
     replies = [reply(s, per_client, i + 1) for i, s in enumerate(client_states(global_state, cell.k, cell.seed))]
+    updates = [ClientUpdate(str(i), {k: a.numpy() for k, a in m.content["arrays"].items()}, per_client)
+               for i, m in enumerate(replies)]
     out: dict[str, Any] = {"cell": asdict(cell), "rows": n, "device": str(device),
                            "threads": torch.get_num_threads(), "setup_seconds": setup_s,
+                           "screen_method": default_method,
                            "model_params": int(sum(v.size for v in global_state.values())),
                            "load_before": os.getloadavg()[0]}
+
+    def screen_with(batched: bool, method: str = "auto", which: list = updates):
+        defense.config.screen.batched, defense.eval_method = batched, method
+        try:
+            return defense.screen(1, global_state, which)
+        finally:
+            defense.config.screen.batched, defense.eval_method = True, "auto"
 
     # warm-up (first calls pay for kernel selection, lazy init, the distillation head): untimed
     warm = CLIPFed(FedAvg(), defense)
     warm.current = global_state
     warm.aggregate_train(1, replies[: min(3, cell.k)])
+    do_loop = cell.loop
+    do_vmap = cell.vmap and default_method != "vmap"  # on GPU the round itself is the vmap measurement
+    if do_loop:
+        screen_with(False, which=updates[:2])
+    if do_vmap:
+        screen_with(True, "vmap", which=updates[:2])
 
-    # plain Flower FedAvg aggregation of the same replies
-    fedavg_t, fedavg_mem, _ = timed(lambda: FedAvg().aggregate_train(1, replies), R, device)
-
-    # the real CLIP-Fed round (validate → screen → FedAvg → distil), with its own phase clock
     strategy = CLIPFed(FedAvg(), defense)
     strategy.current = global_state  # what configure_train stores
-    phases: dict[str, list[float]] = {}
-    round_t, round_mem = [], Peak()
+    samples: dict[str, list[float]] = {}
+    peaks: dict[str, Peak] = {}
+
+    def record(name: str, fn: Callable[[], Any]) -> None:
+        times, mem, _ = timed(fn, 1, device)
+        samples.setdefault(name, []).extend(times)
+        if mem.peak >= peaks.get(name, Peak()).peak:
+            peaks[name] = mem
+
+    # repeats interleaved, so that a change of machine load hits every variant alike
     for r in range(R):
-        times, mem, _ = timed(lambda: strategy.aggregate_train(r + 1, replies), 1, device)
-        round_t += times
-        round_mem = mem if mem.peak >= round_mem.peak else round_mem
+        record("fedavg", lambda: FedAvg().aggregate_train(1, replies))
+        record("round", lambda: strategy.aggregate_train(r + 1, replies))
         for name, sec in strategy.last_round_report["seconds"].items():
-            phases.setdefault(name, []).append(sec)
-        if strategy.last_round_report["rejected"]:
-            log.info("round rejected %d synthetic replies (screening at work on random models)",
-                     len(strategy.last_round_report["rejected"]))
-
-    updates = [ClientUpdate(str(i), {k: a.numpy() for k, a in m.content["arrays"].items()}, per_client)
-               for i, m in enumerate(replies)]
+            samples.setdefault(f"round_{name}", []).append(sec)
+        if do_loop:
+            record("screen_looped", lambda: screen_with(False))
+        if do_vmap:
+            record("screen_vmap", lambda: screen_with(True, "vmap"))
+    if strategy.last_round_report["rejected"]:
+        log.info("the round rejected %d synthetic replies", len(strategy.last_round_report["rejected"]))
     del replies
-
-    # screening alone, batched (memory probe) and looped
-    def screen_with(batched: bool, which: list = updates):
-        defense.config.screen.batched = batched
-        try:
-            return defense.screen(1, global_state, which)
-        finally:
-            defense.config.screen.batched = True
-
-    screen_alone_t, screen_mem, _ = timed(lambda: screen_with(True), 1, device)
-    looped_t, looped_mem = [], Peak()
-    if cell.loop:
-        screen_with(False, updates[:1])  # warm-up
-        looped_t, looped_mem, _ = timed(lambda: screen_with(False), R, device)
-
-    # distillation alone (memory probe)
-    agg_state = {k: torch.from_numpy(v.copy()) for k, v in global_state.items()}
-    distil_alone_t, distil_mem, _ = timed(lambda: defense.distill(1, agg_state), 1, device)
 
     # the floor: plain forward passes of single client models over the server set
     plain = copy.deepcopy(model).to(device).eval()
@@ -317,56 +365,42 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             plain(x[b : b + 512])
 
     forward_all()  # warm-up
-    fwd_t = []
     for u in updates[: max(3, R)]:
         plain.load_state_dict({k: torch.from_numpy(v) for k, v in u.state.items()})
-        fwd_t += timed(forward_all, 1, device)[0]
-    floor_one = median(fwd_t)
+        record("forward_one_model", forward_all)
 
-    # one client's local epoch
-    g = torch.Generator().manual_seed(cell.seed)
-    xc = torch.rand(cell.client_images, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device)
-    yc = torch.randint(0, NUM_CLASSES, (cell.client_images,), generator=g).to(device)
-
-    def epoch() -> None:
-        m = copy.deepcopy(model).to(device)
-        train_local(m, xc, yc, epochs=1, lr=0.05, batch_size=cell.client_batch, seed=cell.seed)
-
-    train_local(copy.deepcopy(model).to(device), xc[: 2 * cell.client_batch], yc[: 2 * cell.client_batch],
-                epochs=1, lr=0.05, batch_size=cell.client_batch, seed=cell.seed)  # warm-up
-    epoch_t, epoch_mem, _ = timed(epoch, R, device)
-
-    round_s = median(round_t)
-    screen_s = median(phases.get("screen", []))
-    distil_s = median(phases.get("distill", []))
-    floor_s = cell.k * floor_one
-    epoch_s = median(epoch_t)
-    per_row = (screen_s + distil_s) / n
-    fixed = round_s - screen_s - distil_s
+    sec = {name: median(v) for name, v in samples.items()}
+    sec["floor"] = cell.k * sec["forward_one_model"]
+    screen_s = sec["round_screen"]
     out.update({
-        "seconds": {
-            "round": round_s, **{f"round_{k}": median(v) for k, v in phases.items()},
-            "fedavg": median(fedavg_t), "screen_batched_alone": screen_alone_t[0],
-            "screen_looped": median(looped_t) if looped_t else None,
-            "distill_alone": distil_alone_t[0], "forward_one_model": floor_one, "floor": floor_s,
-            "client_epoch": epoch_s,
-        },
-        "samples": {"round": round_t, "fedavg": fedavg_t, "screen": phases.get("screen", []),
-                    "screen_looped": looped_t, "forward_one_model": fwd_t, "client_epoch": epoch_t},
-        "peak_mib": {name: asdict(p) for name, p in (
-            ("round", round_mem), ("fedavg", fedavg_mem), ("screen_batched", screen_mem),
-            ("screen_looped", looped_mem), ("distill", distil_mem), ("client_epoch", epoch_mem))},
+        "seconds": sec,
+        "samples": samples,
+        "peak_mib": {name: asdict(p) for name, p in peaks.items()},
         "ratios": {
-            "round_over_fedavg": round_s / median(fedavg_t),
-            "round_over_epoch": round_s / epoch_s,
-            "batched_over_looped": screen_s / median(looped_t) if looped_t else None,
-            "screen_over_floor": screen_s / floor_s,
+            "round_over_fedavg": sec["round"] / sec["fedavg"],
+            "batched_over_looped": screen_s / sec["screen_looped"] if do_loop else None,
+            "vmap_over_looped": sec["screen_vmap"] / sec["screen_looped"] if do_loop and do_vmap else None,
+            "screen_over_floor": screen_s / sec["floor"],
         },
-        # rows of server set for which round ≤ 1.5 × epoch at these per-row costs
-        "break_even_rows": max(0, int((1.5 * epoch_s - fixed) / per_row)) if per_row > 0 else None,
         "load_after": os.getloadavg()[0],
     })
     return out
+
+
+def with_epoch(result: dict[str, Any], epoch: dict[str, Any] | None) -> dict[str, Any]:
+    """Add round ÷ epoch and the break-even server-set size (round ≤ 1.5 × epoch) to a round cell."""
+    if "error" in result or epoch is None or "error" in epoch:
+        return result
+    sec = result["seconds"]
+    epoch_s = epoch["seconds"]["client_epoch"]
+    sec["client_epoch"] = epoch_s
+    result["ratios"]["round_over_epoch"] = sec["round"] / epoch_s
+    per_row = (sec["round_screen"] + sec["round_distill"]) / result["rows"]
+    fixed = sec["round"] - sec["round_screen"] - sec["round_distill"]
+    result["break_even_rows"] = max(0, int((TARGETS["round_over_epoch"] * epoch_s - fixed) / per_row))
+    result["client_epoch_images"] = {"target": epoch["cell"]["client_images"],
+                                     "measured": epoch["cell"]["epoch_images"]}
+    return result
 
 
 # --------------------------------------------------------------------------- the run

@@ -19,6 +19,7 @@ from benchmarks.compare import (
     mean_std,
     select,
     summarize_run,
+    teacher_builders,
     table_rows,
     write_tables,
 )
@@ -153,6 +154,13 @@ def test_shipped_grids_are_valid_run_configs(tmp_path, name):
         assert {c.overrides["defense"] for c in cells} == {"fedavg", "krum", "multikrum", "median", "trimmedmean",
                                                          "bulyan", "clipfed", "flame", "fltrust", "foolsgold", "rlr"}
         assert base["num-clients"] == 20 and base["malicious-fraction"] == 0.2
+
+
+def test_parallel_runs_build_each_cached_teacher_once_first(tmp_path):
+    g = load_grid(write_grid(tmp_path, '[grid]\ndefense = ["fedavg", "fltrust", "clipfed"]\nattack = ["badnets"]\n'
+                                       'heldout-size = [100, 200]\nseed = [0, 1]\n'))
+    assert [c.name for c in teacher_builders(g.cells())] == ["fltrust_badnets_heldout-size-100_s0",
+                                                             "fltrust_badnets_heldout-size-200_s0"]
 
 
 def test_cell_status_reads_metrics_json(tmp_path):
