@@ -165,60 +165,14 @@ class CLIPFed(Strategy):
         return arrays, out
 
     def _harmonise_metrics(self, server_round: int, kept: list[Message]) -> list[str]:
-        """Keep only the metrics every kept reply reports with the same kind of value.
-
-        Flower's strategies raise on MetricRecords whose keys (or value kinds) differ between
-        replies, so one reply with an extra, missing or list-valued metric would otherwise abort
-        the round. The models are not affected; the dropped metric names are returned.
-        """
-        if not kept:
-            return []
-
-        def kind(v: Any) -> tuple:
-            return ("list", len(v)) if isinstance(v, list) else ("scalar",)
-
-        records = [m.content[self.metricrecord_key] for m in kept]
-        shared = set(records[0].keys()).intersection(*(r.keys() for r in records[1:]))
-        keep = {k for k in shared if len({kind(r[k]) for r in records}) == 1}
-        dropped = sorted(set().union(*(r.keys() for r in records)) - keep)
-        if dropped:
-            for m, r in zip(kept, records):
-                m.content[self.metricrecord_key] = MetricRecord({k: v for k, v in r.items() if k in keep})
-            log.info("round %d: metrics %s are not reported alike by all kept replies: left out of the aggregate",
-                     server_round, dropped)
-        return dropped
+        return harmonise_metrics(server_round, kept, self.metricrecord_key)
 
     def _like_global(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The new model with the global model's dtypes.
-
-        Inner strategies average integer buffers (BatchNorm's ``num_batches_tracked``) into
-        float64; left so, the next round's replies (int64 again) would all fail validation.
-        """
         assert self.current is not None
-        fixed = {}
-        for k, a in arrays.items():
-            ref = self.current.get(k)
-            if ref is not None and a.dtype != str(ref.dtype):
-                v = a.numpy()
-                fixed[k] = Array(np.asarray(np.rint(v) if ref.dtype.kind in "iub" else v, order="C").astype(ref.dtype))
-        if not fixed:
-            return arrays
-        return ArrayRecord({k: fixed.get(k, a) for k, a in arrays.items()})
+        return like_reference(arrays, self.current)
 
     def _parse(self, m: Message) -> tuple[dict[str, np.ndarray], Any, str | None]:
-        """The reply's model state and example count, or a reason it is malformed."""
-        content = m.content
-        arrays = content.array_records
-        metrics = content.metric_records
-        if list(arrays.keys()) != [self.arrayrecord_key]:
-            return {}, None, f"expected exactly one ArrayRecord {self.arrayrecord_key!r}, got {sorted(arrays.keys())}"
-        if list(metrics.keys()) != [self.metricrecord_key]:
-            return {}, None, f"expected exactly one MetricRecord {self.metricrecord_key!r}, got {sorted(metrics.keys())}"
-        try:
-            state = {k: a.numpy() for k, a in arrays[self.arrayrecord_key].items()}
-        except Exception as err:  # undecodable bytes, bad dtype strings, …
-            return {}, None, f"undecodable arrays ({type(err).__name__}: {err})"
-        return state, metrics[self.metricrecord_key].get(self.weighted_by_key), None
+        return parse_reply(m, self.arrayrecord_key, self.metricrecord_key, self.weighted_by_key)
 
     # ------------------------------------------------------------------ evaluation (delegated)
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -226,3 +180,62 @@ class CLIPFed(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+# ---------------------------------------------------------------------------- reply helpers
+def parse_reply(m: Message, arrayrecord_key: str = "arrays", metricrecord_key: str = "metrics",
+                weighted_by_key: str = "num-examples") -> tuple[dict[str, np.ndarray], Any, str | None]:
+    """The reply's model state and example count, or a reason it is malformed."""
+    arrays = m.content.array_records
+    metrics = m.content.metric_records
+    if list(arrays.keys()) != [arrayrecord_key]:
+        return {}, None, f"expected exactly one ArrayRecord {arrayrecord_key!r}, got {sorted(arrays.keys())}"
+    if list(metrics.keys()) != [metricrecord_key]:
+        return {}, None, f"expected exactly one MetricRecord {metricrecord_key!r}, got {sorted(metrics.keys())}"
+    try:
+        state = {k: a.numpy() for k, a in arrays[arrayrecord_key].items()}
+    except Exception as err:  # undecodable bytes, bad dtype strings, …
+        return {}, None, f"undecodable arrays ({type(err).__name__}: {err})"
+    return state, metrics[metricrecord_key].get(weighted_by_key), None
+
+
+def harmonise_metrics(server_round: int, kept: list[Message], metricrecord_key: str = "metrics") -> list[str]:
+    """Keep only the metrics every kept reply reports with the same kind of value.
+
+    Flower's strategies raise on MetricRecords whose keys (or value kinds) differ between
+    replies, so one reply with an extra, missing or list-valued metric would otherwise abort
+    the round. The models are not affected; the dropped metric names are returned.
+    """
+    if not kept:
+        return []
+
+    def kind(v: Any) -> tuple:
+        return ("list", len(v)) if isinstance(v, list) else ("scalar",)
+
+    records = [m.content[metricrecord_key] for m in kept]
+    shared = set(records[0].keys()).intersection(*(r.keys() for r in records[1:]))
+    keep = {k for k in shared if len({kind(r[k]) for r in records}) == 1}
+    dropped = sorted(set().union(*(r.keys() for r in records)) - keep)
+    if dropped:
+        for m, r in zip(kept, records):
+            m.content[metricrecord_key] = MetricRecord({k: v for k, v in r.items() if k in keep})
+        log.info("round %d: metrics %s are not reported alike by all kept replies: left out of the aggregate",
+                 server_round, dropped)
+    return dropped
+
+
+def like_reference(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> ArrayRecord:
+    """``arrays`` with the reference (global) model's dtypes.
+
+    Inner strategies average integer buffers (BatchNorm's ``num_batches_tracked``) into
+    float64; left so, the next round's replies (int64 again) would all fail validation.
+    """
+    fixed = {}
+    for k, a in arrays.items():
+        ref = reference.get(k)
+        if ref is not None and a.dtype != str(ref.dtype):
+            v = a.numpy()
+            fixed[k] = Array(np.asarray(np.rint(v) if ref.dtype.kind in "iub" else v, order="C").astype(ref.dtype))
+    if not fixed:
+        return arrays
+    return ArrayRecord({k: fixed.get(k, a) for k, a in arrays.items()})

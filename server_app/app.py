@@ -60,6 +60,9 @@ class RoundReporter:
             entry["num_failures"] = sum(bool(r["error"]) for r in replies.values())
             entry["seconds_train"] = self.grid.last_seconds
             entry["seconds_server"] = seconds_server
+            invalid = getattr(self.strategy, "guard_rejected", None)
+            if invalid:
+                entry["invalid_replies"] = {str(k): v for k, v in invalid.items()}
             report = getattr(self.strategy, "last_round_report", None) or {}
             if report:
                 decisions = decisions_with_roles(report, replies)

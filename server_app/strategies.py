@@ -44,6 +44,16 @@ def expected_attackers_per_round(cfg: RunConfig) -> int:
 
 
 def build_strategy(cfg: RunConfig, model: nn.Module, data: TaskData, split: Split) -> BuiltStrategy:
+    """The strategy for ``cfg.defense``; all but CLIP-Fed (which validates itself) behind a ReplyGuard."""
+    built = _build(cfg, model, data, split)
+    if cfg.defense != "clipfed":
+        from clipfed_strategy.reply_guard import ReplyGuard
+
+        built.strategy = ReplyGuard(built.strategy)
+    return built
+
+
+def _build(cfg: RunConfig, model: nn.Module, data: TaskData, split: Split) -> BuiltStrategy:
     kw = common_kwargs(cfg)
     d = cfg.defense
     if d == "fedavg":
