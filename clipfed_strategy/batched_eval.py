@@ -6,6 +6,13 @@ server dataset. The K models differ only in their tensors, so the template modul
 batched forward pass per chunk of models and batch of images instead of K separate passes. A plain
 loop (:func:`looped_logits_and_features`) gives the same numbers; it is the reference in the tests
 and the fallback when ``vmap`` cannot handle a model.
+
+On CPU the loop is the fast path (``method="auto"``): one model's forward over a batch of 512
+images already keeps the cores busy, and vmap turns every convolution after the first into a
+grouped convolution over K·C channels, which oneDNN runs slower (``benchmarks/server_overhead.py``,
+2 cores: vmap 1.2–2.6× the loop's time on the small CNN, 1.35× on ResNet-18). The loop also feeds
+CPU convolution models channels-last inputs (about 2× faster for the small CNN, neutral for
+ResNet-18; logits equal to ~1e-7) and needs no stacked copy of the K models.
 """
 
 from __future__ import annotations
@@ -71,10 +78,41 @@ def _slice(stacked: Mapping[str, Tensor], start: int, stop: int) -> dict[str, Te
     return {k: v[start:stop] for k, v in stacked.items()}
 
 
+METHODS = ("vmap", "sequential", "auto")
+
+
+def resolve_method(method: str, device: torch.device | str) -> str:
+    """``"vmap"`` or ``"sequential"``: ``"auto"`` is vmap on accelerators and sequential on CPU.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is not one of ``"vmap"``, ``"sequential"``, ``"auto"``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method is {method!r}; allowed values: {', '.join(METHODS)}")
+    if method == "auto":
+        return "sequential" if torch.device(device).type == "cpu" else "vmap"
+    return method
+
+
+def _channels_last_helps(model: nn.Module, x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _per_model(params: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]]) -> list[Mapping[str, Tensor]]:
+    """One mapping per model, from ``[K, ...]`` stacked tensors (views, no copy) or a list of state dicts."""
+    if isinstance(params, Mapping):
+        return [{name: t[k] for name, t in params.items()} for k in range(_num_models(params))]
+    if len(params) == 0:
+        raise StackError("no client models to evaluate")
+    return list(params)
+
+
 @torch.no_grad()
 def looped_logits_and_features(
     model_template: nn.Module,
-    stacked_params_and_buffers: Mapping[str, Tensor],
+    stacked_params_and_buffers: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
     x: Tensor,
     feature_module: str | None = None,
     batch_size: int = 512,
@@ -82,14 +120,37 @@ def looped_logits_and_features(
 ) -> tuple[Tensor, Tensor | None]:
     """Reference implementation of :func:`batched_logits_and_features`: one model at a time.
 
-    Parameters are as in :func:`batched_logits_and_features` (no ``chunk_size``).
+    Parameters are as in :func:`batched_logits_and_features` (no ``chunk_size``), except that
+    ``stacked_params_and_buffers`` may also be a sequence of K state dicts (no stacked copy needed).
+    On CPU, a model with ``nn.Conv2d`` layers gets channels-last inputs (faster oneDNN kernels);
+    if the model cannot take them (e.g. it calls ``.view`` on a conv output), it runs on the
+    contiguous inputs instead.
     """
+    models = _per_model(stacked_params_and_buffers)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if _channels_last_helps(model_template, x):
+        try:
+            return _loop(model_template, models, x.contiguous(memory_format=torch.channels_last),
+                         feature_module, batch_size, return_features)
+        except RuntimeError as exc:
+            logger.info("channels-last inputs failed for %s (%s); evaluating contiguous inputs",
+                        type(model_template).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return _loop(model_template, models, x, feature_module, batch_size, return_features)
+
+
+def _loop(
+    model_template: nn.Module,
+    models: Sequence[Mapping[str, Tensor]],
+    x: Tensor,
+    feature_module: str | None,
+    batch_size: int,
+    return_features: bool,
+) -> tuple[Tensor, Tensor | None]:
     extractor = PenultimateExtractor(model_template, feature_module)
-    k_models = _num_models(stacked_params_and_buffers)
     all_logits, all_feats = [], []
     with eval_mode(model_template):
-        for k in range(k_models):
-            params = {name: t[k] for name, t in stacked_params_and_buffers.items()}
+        for params in models:
             logits_k, feats_k = [], []
             for start in range(0, x.shape[0], batch_size):
                 logits, feats = extractor.functional(params, x[start : start + batch_size])
@@ -142,6 +203,7 @@ def batched_logits_and_features(
     feature_module: str | None = None,
     batch_size: int = 512,
     return_features: bool = True,
+    method: str = "vmap",
 ) -> tuple[Tensor, Tensor | None]:
     """Logits and penultimate features of K models of one architecture on the same inputs.
 
@@ -164,6 +226,9 @@ def batched_logits_and_features(
         Images per forward pass.
     return_features : bool, default True
         ``False`` returns ``None`` for the features (saves memory when only logits are needed).
+    method : {"vmap", "sequential", "auto"}, default "vmap"
+        ``sequential`` runs :func:`looped_logits_and_features`; ``auto`` picks vmap on
+        accelerators and sequential on CPU, where it is faster (module docstring).
 
     Returns
     -------
@@ -179,6 +244,11 @@ def batched_logits_and_features(
     chunk = k_models if chunk_size is None or chunk_size <= 0 else int(chunk_size)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if resolve_method(method, x.device) == "sequential":
+        return looped_logits_and_features(
+            model_template, stacked_params_and_buffers, x, feature_module=feature_module,
+            batch_size=batch_size, return_features=return_features,
+        )
     extractor = PenultimateExtractor(model_template, feature_module)
     try:
         with eval_mode(model_template):

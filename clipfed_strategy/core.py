@@ -21,7 +21,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clipfed_strategy.batched_eval import batched_logits_and_features, looped_logits_and_features, stack_states
+from clipfed_strategy.batched_eval import (
+    batched_logits_and_features,
+    looped_logits_and_features,
+    resolve_method,
+    stack_states,
+)
 from clipfed_strategy.config import CLIPFedConfig
 from clipfed_strategy.distillation import Distiller
 from clipfed_strategy.screening import behaviour_scores, screen
@@ -92,6 +97,9 @@ class CLIPFedDefense:
                  text_prototypes, teacher_info: Mapping[str, Any], config: CLIPFedConfig | None = None) -> None:
         self.config = config or CLIPFedConfig()
         self.device = resolve_device(self.config.device)
+        # How batched screening runs the K models: "auto" = vmap on GPU, one after another on CPU
+        # (faster there, see clipfed_strategy/batched_eval.py); "vmap" / "sequential" force one.
+        self.eval_method = "auto"
         self.template = copy.deepcopy(model).to(self.device).eval()
         self.student = copy.deepcopy(model).to(self.device)
         self.param_names = list(model.state_dict().keys())
@@ -128,8 +136,10 @@ class CLIPFedDefense:
             embed_dim=self.text_prototypes.shape[1], head=self.config.distill_head,
             feature_module=self.config.feature_module or None, seed=self.config.seed,
         )
-        log.info("CLIP-Fed ready on %s: %d server images (%d clean, %d augmented), %s", self.device, len(y),
-                 len(self.clean_rows), len(self.aug_rows), self.teacher_info["label"])
+        log.info("CLIP-Fed ready on %s: %d server images (%d clean, %d augmented), screening %s, %s", self.device,
+                 len(y), len(self.clean_rows), len(self.aug_rows),
+                 "vmap-batched" if self.config.screen.batched and resolve_method(self.eval_method, self.device) == "vmap"
+                 else "one model at a time", self.teacher_info["label"])
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -156,12 +166,16 @@ class CLIPFedDefense:
     def client_logits(self, states: Sequence[Mapping[str, np.ndarray]], need_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``[K, N, C]`` (and features) of K client models on the whole server dataset."""
         cfg = self.config.screen
-        stacked = stack_states([{k: torch.from_numpy(np.asarray(s[k])) for k in self.param_names} for s in states],
-                               device=self.device)
-        fn = batched_logits_and_features if cfg.batched else looped_logits_and_features
-        kwargs = {"chunk_size": cfg.chunk_size} if cfg.batched else {}
-        return fn(self.template, stacked, self.x, feature_module=self.config.feature_module or None,
-                  return_features=need_features, **kwargs)
+        per_model = [{k: torch.from_numpy(np.asarray(s[k])) for k in self.param_names} for s in states]
+        feature_module = self.config.feature_module or None
+        if cfg.batched and resolve_method(self.eval_method, self.device) == "vmap":
+            stacked = stack_states(per_model, device=self.device)
+            return batched_logits_and_features(self.template, stacked, self.x, chunk_size=cfg.chunk_size,
+                                               feature_module=feature_module, return_features=need_features)
+        # one model at a time (screen-batched = false, or "auto" on CPU where it is the faster way)
+        per_model = [{k: v.to(self.device) for k, v in p.items()} for p in per_model]
+        return looped_logits_and_features(self.template, per_model, self.x, feature_module=feature_module,
+                                          return_features=need_features)
 
     def screen(self, server_round: int, global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> ScreeningOutcome:
         """Score every client model's behaviour on the server dataset and decide weights."""

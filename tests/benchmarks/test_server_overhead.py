@@ -32,28 +32,39 @@ def test_synthetic_server_dataset_layout():
 
 
 def test_plan_sizes_and_errors():
-    args = parse_args(["--ks", "10,50", "--models", "cnn,resnet18", "--resnet-ks", "10",
-                       "--resnet-clean-per-class", "5"])
+    args = parse_args(["--ks", "10,50,100", "--models", "cnn,resnet18", "--resnet-ks", "10",
+                       "--resnet-clean-per-class", "5", "--clean-per-class", "100"])
     cells = plan(args)
-    assert [(c.model, c.k, c.rows) for c in cells] == [("cnn", 10, 4000), ("cnn", 50, 4000), ("resnet18", 10, 200)]
-    assert cells[2].note and not cells[0].note
+    assert [(c.model, c.kind, c.k, c.rows) for c in cells if c.kind == "round"] == [
+        ("cnn", "round", 10, 4000), ("cnn", "round", 50, 4000), ("cnn", "round", 100, 4000),
+        ("resnet18", "round", 10, 200)]
+    epochs = {c.model: c.epoch_images for c in cells if c.kind == "epoch"}
+    assert epochs == {"cnn": 5000, "resnet18": 256}
+    assert [c.loop for c in cells if c.kind == "round"] == [True, True, False, True]  # --loop-max-k 50
+    assert cells[-1].note and not cells[1].note
     full = plan(parse_args(["--full"]))
-    assert {(c.model, c.k) for c in full} == {(m, k) for m in ("cnn", "resnet18") for k in (10, 50, 100)}
-    assert all(c.rows == 4000 for c in full)
+    assert {(c.model, c.k) for c in full if c.kind == "round"} == {(m, k) for m in ("cnn", "resnet18")
+                                                                    for k in (10, 50, 100)}
+    assert all(c.rows == 4000 and c.loop for c in full if c.kind == "round")
+    assert all(c.epoch_images == 5000 for c in full if c.kind == "epoch")
     with pytest.raises(BenchmarkConfigError, match="--models"):
         plan(parse_args(["--models", "vgg"]))
+    with pytest.raises(BenchmarkConfigError, match="--ks"):
+        plan(parse_args(["--ks", "10,x"]))
     with pytest.raises(BenchmarkConfigError, match="exclude"):
         parse_args(["--quick", "--full"])
     with pytest.raises(BenchmarkConfigError, match="--variants"):
         parse_args(["--variants", "0"])
+    with pytest.raises(BenchmarkConfigError, match="kind"):
+        run_cell(Cell(model="cnn", kind="bogus"))
 
 
-def _check_cell(r, k):
+def _check_round(r, k, rows=20):
     assert "error" not in r, r.get("error")
-    assert r["cell"]["k"] == k and r["rows"] == 20
+    assert r["cell"]["k"] == k and r["rows"] == rows
     s = r["seconds"]
     for name in ("round", "round_validate", "round_screen", "round_aggregate", "round_distill", "fedavg",
-                 "screen_looped", "forward_one_model", "floor", "client_epoch"):
+                 "screen_looped", "screen_vmap", "forward_one_model", "floor", "floor_cl"):
         assert s[name] > 0 and math.isfinite(s[name]), name
     # the round's phases are parts of the round's wall time
     phases = s["round_validate"] + s["round_screen"] + s["round_aggregate"] + s["round_distill"]
@@ -62,30 +73,40 @@ def _check_cell(r, k):
     q = r["ratios"]
     assert math.isclose(q["round_over_fedavg"], s["round"] / s["fedavg"])
     assert math.isclose(q["batched_over_looped"], s["round_screen"] / s["screen_looped"])
+    assert math.isclose(q["vmap_over_looped"], s["screen_vmap"] / s["screen_looped"])
     assert math.isclose(q["screen_over_floor"], s["round_screen"] / s["floor"])
     assert r["peak_mib"]["round"]["peak"] > 0
+    assert r["screen_method"] == "sequential"  # what eval_method="auto" picks on CPU
 
 
 def test_run_cell_in_process():
-    r = run_cell(Cell(model="cnn", k=2, clean_per_class=1, variants=1, client_images=16, client_batch=8,
-                      repeats=2, device="cpu", threads=1, chunk_size=1))
-    _check_cell(r, 2)
+    r = run_cell(Cell(model="cnn", k=2, clean_per_class=1, variants=1, repeats=2, device="cpu", threads=1,
+                      chunk_size=1))
+    _check_round(r, 2)
     assert len(r["samples"]["round"]) == 2 and len(r["samples"]["screen_looped"]) == 2
+    e = run_cell(Cell(model="cnn", kind="epoch", client_images=40, epoch_images=20, client_batch=8, repeats=1,
+                      device="cpu", threads=1))
+    assert e["extrapolated"]
+    assert math.isclose(e["seconds"]["client_epoch"], 2 * e["seconds"]["client_epoch_measured"])
 
 
 def test_cli_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "so.json"
     assert main(TINY + ["--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert len(data["results"]) == 1
-    _check_cell(data["results"][0], 3)
+    assert len(data["results"]) == 1 and set(data["epochs"]) == {"cnn"}
+    r = data["results"][0]
+    _check_round(r, 3)
+    epoch = data["epochs"]["cnn"]["seconds"]["client_epoch"]
+    assert math.isclose(r["ratios"]["round_over_epoch"], r["seconds"]["round"] / epoch)
+    assert r["break_even_rows"] >= 0
     assert data["targets_cpu_cnn_k50"] == {}  # no K=50 cell in this run
     printed = capsys.readouterr().out
     assert "| cnn | 3 | 20 |" in printed and str(out) in printed
 
 
 def test_targets_read_from_the_cnn_k50_cpu_cell():
-    fake = {"cell": {"model": "cnn", "k": 50}, "device": "cpu",
+    fake = {"cell": {"model": "cnn", "k": 50, "kind": "round"}, "device": "cpu", "rows": 400,
             "ratios": {"screen_over_floor": 1.1, "batched_over_looped": 1.3, "round_over_epoch": None}}
     t = check_targets([fake])
     assert set(t) == set(TARGETS)
