@@ -112,7 +112,7 @@ class CLIPFedDefense:
         self.dataset_hash = server_data.hash
         # The server dataset lives on the device once, for the whole run.
         x, y, variants, src = server_data.to_tensors(self.device)
-        self.x, self.y, self.variants, self.src = x, y, variants, src
+        self.x, self.y, self.variants, self.src = self._fast_layout(x), y, variants, src
         self.clean_rows = torch.nonzero(variants == 0).flatten()
         self.aug_rows = torch.nonzero(variants > 0).flatten()
         pos = torch.full((len(y),), -1, dtype=torch.long, device=self.device)
@@ -140,6 +140,25 @@ class CLIPFedDefense:
                  len(y), len(self.clean_rows), len(self.aug_rows),
                  "vmap-batched" if self.config.screen.batched and resolve_method(self.eval_method, self.device) == "vmap"
                  else "one model at a time", self.teacher_info["label"])
+
+    def _fast_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The server images channels-last on CPU when the model has convolutions and accepts them.
+
+        oneDNN's CPU convolutions run faster on channels-last tensors (small CNN: screening ~2×,
+        distillation ~1.4×; ResNet-18 unchanged); values are unchanged, results equal to float
+        rounding. A model that cannot take them (e.g. ``.view`` on a conv output) keeps NCHW.
+        """
+        if self.device.type != "cpu" or x.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in self.template.modules()):
+            return x
+        fast = x.contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad():
+                self.template(fast[:2])
+        except RuntimeError as exc:
+            log.info("server images stay NCHW: %s fails on channels-last inputs (%s)", type(self.template).__name__,
+                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return x
+        return fast
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod

@@ -97,3 +97,66 @@ def test_looped_input_errors():
     with pytest.raises(ValueError, match="allowed values"):
         batched_logits_and_features(_conv(), stack_states([_conv().state_dict()]), torch.rand(2, 3, 6, 6),
                                     method="nope")
+
+
+# --------------------------------------------------------------------------- the core's choices
+
+
+def _defense(model, n_clean=8, seed=0):
+    import numpy as np
+
+    from clipfed_strategy.config import CLIPFedConfig
+    from clipfed_strategy.core import CLIPFedDefense
+    from clipfed_strategy.server_dataset import ServerDataset
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n_clean) % 4
+    src = np.concatenate([np.arange(n_clean), np.arange(n_clean)])
+    sds = ServerDataset(rng.integers(0, 256, (2 * n_clean, 6, 6, 3), dtype=np.uint8), labels[src],
+                        np.repeat([0, 1], n_clean), src, ["a", "b", "c", "d"], ["clean", "aug"])
+    n = len(sds)
+    return CLIPFedDefense(model, sds, rng.standard_normal((n, 4)).astype(np.float32),
+                          rng.standard_normal((n, 16)).astype(np.float32),
+                          rng.standard_normal((4, 16)).astype(np.float32), {}, CLIPFedConfig(device="cpu"))
+
+
+def _conv4():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+class _ViewNet4(_ViewNet):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * 6 * 6, 4)
+
+
+def test_core_keeps_server_images_channels_last_only_when_the_model_takes_them():
+    d = _defense(_conv4())
+    assert d.x.is_contiguous(memory_format=torch.channels_last) and not d.x.is_contiguous()
+    assert _defense(_ViewNet4()).x.is_contiguous()  # .view on a conv output: NCHW kept
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    assert _defense(mlp).x.is_contiguous()  # no convolution: nothing to gain
+
+
+@torch.no_grad()
+def test_core_auto_and_vmap_give_the_same_logits_and_decisions():
+    import numpy as np
+
+    from clipfed_strategy.core import ClientUpdate
+
+    models = _models(_conv4, 5)
+    d = _defense(_conv4())
+    states = [{k: v.numpy().copy() for k, v in m.state_dict().items()} for m in models]
+    x_nchw = d.x.contiguous()
+    ref = torch.stack([m(x_nchw) for m in models])
+    logits_auto, _ = d.client_logits(states, need_features=False)
+    d.eval_method = "vmap"
+    logits_vmap, _ = d.client_logits(states, need_features=False)
+    assert torch.allclose(logits_auto, ref, atol=1e-5) and torch.allclose(logits_vmap, ref, atol=1e-5)
+    updates = [ClientUpdate(str(i), s, 10.0) for i, s in enumerate(states)]
+    g = {k: np.zeros_like(v) for k, v in states[0].items()}
+    out_vmap = d.screen(1, g, updates)
+    d.eval_method = "auto"
+    out_auto = d.screen(1, g, updates)
+    assert out_auto.weights == out_vmap.weights and out_auto.flagged == out_vmap.flagged
+    assert [r.get("score") for r in out_auto.records] == pytest.approx([r.get("score") for r in out_vmap.records])
