@@ -51,6 +51,14 @@ def _partition_tensors(cfg, partition_id: int) -> tuple[torch.Tensor, torch.Tens
     return _DATA[key]
 
 
+def _device(cfg) -> torch.device:
+    """run-config ``device``: "auto" = CUDA when this process sees one, else CPU."""
+    name = str(cfg.extra.get("device", "auto"))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _setup(msg: Message, context: Context):
     cfg = parse_run_config(context.run_config)
     pid = int(context.node_config.get("partition-id", 0))
@@ -81,6 +89,10 @@ def train(msg: Message, context: Context) -> Message:
         piece = dba_piece(cfg, pid, server_round) if cfg.attack == "dba" else None
         poisoning = Poisoning(spec, cfg.poison_rate, piece, cfg.pgd_radius,
                               _neurotoxin(cfg, model, context, pid, server_round))
+    device = _device(cfg)
+    if device.type != "cpu":  # paper-scale runs: clients train on the GPU their SuperNode/Ray actor was given
+        model.to(device)
+        x, y = x.to(device), y.to(device)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     if cfg.neurotoxin_topk > 0 and cfg.attack != "none" and _may_attack(cfg, pid, server_round):
         context.state[PREV_GLOBAL] = ArrayRecord(global_state)
@@ -93,6 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     state = model.state_dict()
     if malicious and cfg.boost_factor != 1.0:
         state = boost_update(state, global_state, cfg.boost_factor)
+    state = {k: v.detach().cpu() for k, v in state.items()}
     seconds = time.perf_counter() - t0
     log.info("client %d round %d: %s, %d examples, loss %.4f, %.2fs",
              pid, server_round, "MALICIOUS" if malicious else "benign", len(y), loss, seconds)

@@ -312,6 +312,14 @@ class Teacher:
             return torch.zeros(0, self.embed_dim, device=self.device)
         return torch.cat(out)
 
+    def encode_images_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`encode_images` but differentiable w.r.t. ``x`` (one batch; the weights stay frozen).
+
+        Data-free synthesis (``data_synth``'s teacher inversion) optimises pixels through it.
+        """
+        emb = self._backend.encode_pixels(self.preprocess(x))
+        return F.normalize(emb.float(), dim=-1)
+
     def logits_from_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
         """``logit_scale * emb @ text_prototypes.T``."""
         return self.logit_scale * emb.to(self.text_prototypes) @ self.text_prototypes.T

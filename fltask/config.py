@@ -65,6 +65,7 @@ class RunConfig:
     lt_imbalance: float = 100.0
     heldout_size: int = 300
     test_size: int = 360
+    eval_size: int = 0
     max_train_per_client: int = 0
     # model
     model: str = "cnn"
@@ -217,6 +218,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.lt_imbalance >= 1, "lt-imbalance", "must be >= 1 (max/min class size)")
     need(cfg.heldout_size >= 0, "heldout-size", "must be >= 0")
     need(cfg.test_size >= 1, "test-size", "must be >= 1")
+    need(cfg.eval_size >= 0, "eval-size", "must be >= 0 (0 = the whole test set)")
     need(0.0 <= cfg.poison_rate <= 1.0, "poison-rate", "must lie in [0, 1]")
     need(0 <= cfg.attack_target < 10, "attack-target", "must be a class index in 0..9")
     need(cfg.trigger_size >= 0, "trigger-size", "must be >= 0 (0 = auto)")
