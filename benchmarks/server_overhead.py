@@ -24,9 +24,9 @@ What is measured, each cell in a fresh subprocess (so that its peak memory is it
     ``looped``     ``CLIPFedDefense.screen`` with ``screen-batched = false`` (one model at a time)
     ``vmap``       (CPU only) batched screening forced to ``torch.vmap`` (``eval_method="vmap"``);
                    on CPU the default ``"auto"`` runs the models one after another, on GPU vmap
-    ``floor``      K × one plain ``model(x)`` pass over the N server images (batches of 512,
-                   ``no_grad``, eval; the median over 3 client models, times K); ``floor_cl``
-                   the same with channels-last inputs (CPU)
+    ``floor``      K plain ``model(x)`` passes over the N server images, one client model after
+                   another (batches of 512, ``no_grad``, eval, NCHW inputs as stored; loading the
+                   weights not counted); ``floor_cl`` the same with channels-last inputs (CPU)
     ``epoch``      (one cell per model) one client's local epoch: ``fltask.training.train_local``
                    for 1 epoch (batch ``client-batch``, lr 0.05) on ``client-images`` random
                    images, or on fewer and scaled linearly (``--resnet-epoch-images``)
@@ -347,6 +347,33 @@ def _run_round(cell: Cell) -> dict[str, Any]:
         if mem.peak >= peaks.get(name, Peak()).peak:
             peaks[name] = mem
 
+    # the floor: K plain forward passes, one client model after another, over the server set as
+    # a user holds it (NCHW) and, on CPU, channels-last (the fastest plain layout there)
+    plain = copy.deepcopy(model).to(device).eval()
+    plain_states = [{k: torch.from_numpy(v) for k, v in u.state.items()} for u in updates]
+    layouts = {"floor": defense.x.contiguous()}
+    if device.type == "cpu":
+        layouts["floor_cl"] = defense.x.contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def floor(x: torch.Tensor, states: list) -> float:
+        """Seconds of the forward passes alone (loading each model's weights is not counted)."""
+        total = 0.0
+        for st in states:
+            plain.load_state_dict(st)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            for b in range(0, x.shape[0], 512):
+                plain(x[b : b + 512])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            total += time.perf_counter() - t
+        return total
+
+    for x in layouts.values():
+        floor(x, plain_states[:1])  # warm-up
+
     # repeats interleaved, so that a change of machine load hits every variant alike
     for r in range(R):
         record("fedavg", lambda: FedAvg().aggregate_train(1, replies))
@@ -357,34 +384,14 @@ def _run_round(cell: Cell) -> dict[str, Any]:
             record("screen_looped", lambda: screen_with(False))
         if do_vmap:
             record("screen_vmap", lambda: screen_with(True, "vmap"))
+        for name, x in layouts.items():
+            samples.setdefault(name, []).append(floor(x, plain_states))
     if strategy.last_round_report["rejected"]:
         log.info("the round rejected %d synthetic replies", len(strategy.last_round_report["rejected"]))
     del replies
 
-    # the floor: plain forward passes of single client models over the server set
-    plain = copy.deepcopy(model).to(device).eval()
-    x = defense.x
-
-    @torch.no_grad()
-    def forward_all() -> None:
-        for b in range(0, x.shape[0], 512):
-            plain(x[b : b + 512])
-
-    channels_last = device.type == "cpu"
-    forward_all()  # warm-up
-    for u in updates[:3]:
-        plain.load_state_dict({k: torch.from_numpy(v) for k, v in u.state.items()})
-        x = defense.x
-        record("forward_one_model", forward_all)
-        if channels_last:
-            x = defense.x.contiguous(memory_format=torch.channels_last)
-            forward_all()  # warm-up of the other layout
-            record("forward_one_model_cl", forward_all)
-
     sec = {name: median(v) for name, v in samples.items()}
-    sec["floor"] = cell.k * sec["forward_one_model"]
-    if channels_last:
-        sec["floor_cl"] = cell.k * sec["forward_one_model_cl"]
+    channels_last = "floor_cl" in sec
     screen_s = sec["round_screen"]
     out.update({
         "seconds": sec,
@@ -478,11 +485,15 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _pair(a: Any, b: Any) -> str:
+    return _fmt(a) if b is None else f"{_fmt(a)} / {_fmt(b)}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """A markdown table of the round cells (seconds are medians over repeats)."""
-    head = ("| model | K | server rows | screen s | looped s | vmap s | floor s | validate s | aggregate s | "
-            "distil s | round s | FedAvg s | client epoch s | peak MiB (round) | round/FedAvg | round/epoch | "
-            "batched/looped | vmap/looped | screen/floor | break-even rows |")
+    head = ("| model | K | server rows | screen s | looped s | vmap s | floor s (NCHW / cl) | validate s | "
+            "aggregate s | distil s | round s | FedAvg s | client epoch s | peak MiB (round) | round/FedAvg | "
+            "round/epoch | batched/looped | vmap/looped | screen/floor (NCHW / cl) | break-even rows |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         c = r["cell"]
@@ -500,10 +511,12 @@ def table(results: list[dict[str, Any]]) -> str:
                                                   else ")")
         lines.append("| " + " | ".join([
             c["model"], str(c["k"]), rows, _fmt(s["round_screen"]), _fmt(s.get("screen_looped")),
-            _fmt(s.get("screen_vmap")), _fmt(s["floor"]), _fmt(s["round_validate"], 3), _fmt(s["round_aggregate"], 3),
+            _fmt(s.get("screen_vmap")), _pair(s["floor"], s.get("floor_cl")), _fmt(s["round_validate"], 3),
+            _fmt(s["round_aggregate"], 3),
             _fmt(s["round_distill"]), _fmt(s["round"]), _fmt(s["fedavg"], 3), epoch,
             _fmt(r["peak_mib"]["round"]["peak"], 0), _fmt(q["round_over_fedavg"], 1), _fmt(q.get("round_over_epoch")),
-            _fmt(q.get("batched_over_looped")), _fmt(q.get("vmap_over_looped")), _fmt(q["screen_over_floor"]),
+            _fmt(q.get("batched_over_looped")), _fmt(q.get("vmap_over_looped")),
+            _pair(q["screen_over_floor"], q.get("screen_over_floor_cl")),
             _fmt(r.get("break_even_rows")),
         ]) + " |")
     return "\n".join(lines)
