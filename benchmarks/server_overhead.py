@@ -224,7 +224,8 @@ def reply(state: dict[str, np.ndarray], num_examples: int, node_id: int):
     from flwr.common import Metadata
 
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
+        # np.ascontiguousarray would turn 0-d arrays (num_batches_tracked) into shape (1,)
+        "arrays": ArrayRecord({k: Array(v if v.flags.c_contiguous else v.copy()) for k, v in state.items()}),
         "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0}),
         "ground-truth": ConfigRecord({"malicious": False, "partition-id": node_id - 1}),
     })
@@ -386,8 +387,11 @@ def _run_round(cell: Cell) -> dict[str, Any]:
             record("screen_vmap", lambda: screen_with(True, "vmap"))
         for name, x in layouts.items():
             samples.setdefault(name, []).append(floor(x, plain_states))
-    if strategy.last_round_report["rejected"]:
-        log.info("the round rejected %d synthetic replies", len(strategy.last_round_report["rejected"]))
+    report = strategy.last_round_report
+    if report["rejected"]:
+        log.warning("the round rejected %d of %d synthetic replies: %s", len(report["rejected"]), cell.k,
+                    next(iter(report["reasons"].values())))
+    out["round_accepted"] = len(report["accepted"])
     del replies
 
     sec = {name: median(v) for name, v in samples.items()}
@@ -504,6 +508,8 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         s, q = r["seconds"], r["ratios"]
         rows = f"{r['rows']}" + (" (smaller)" if c.get("note") else "")
+        if r.get("round_accepted", c["k"]) < c["k"]:
+            rows += f" ({r['round_accepted']}/{c['k']} replies accepted!)"
         epoch = _fmt(s.get("client_epoch"))
         imgs = r.get("client_epoch_images")
         if imgs:

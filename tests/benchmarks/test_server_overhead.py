@@ -78,6 +78,7 @@ def _check_round(r, k, rows=20):
     assert math.isclose(q["screen_over_floor_cl"], s["round_screen"] / s["floor_cl"])
     assert r["peak_mib"]["round"]["peak"] > 0
     assert r["screen_method"] == "sequential"  # what eval_method="auto" picks on CPU
+    assert r["round_accepted"] == k  # every synthetic reply passed validation and screening
 
 
 def test_run_cell_in_process():
@@ -89,6 +90,15 @@ def test_run_cell_in_process():
                       device="cpu", threads=1))
     assert e["extrapolated"]
     assert math.isclose(e["seconds"]["client_epoch"], 2 * e["seconds"]["client_epoch_measured"])
+
+
+def test_round_cell_with_batchnorm_model():
+    # num_batches_tracked is a 0-d int64 buffer: the synthetic replies must keep it 0-d
+    r = run_cell(Cell(model="resnet8", k=3, clean_per_class=1, variants=1, repeats=1, device="cpu", threads=1,
+                      loop=False, vmap=False))
+    assert "error" not in r and r["round_accepted"] == 3
+    assert r["seconds"]["round_screen"] > 0 and r["seconds"]["round_distill"] > 0
+    assert r["ratios"]["batched_over_looped"] is None and "screen_looped" not in r["seconds"]
 
 
 def test_cli_writes_json_and_table(tmp_path, capsys):
