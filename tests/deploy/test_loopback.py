@@ -256,11 +256,21 @@ class Federation:
         return {p.pid for p in self.procs.values()}  # start_new_session: session id = leader's pid
 
     def kill(self, *names: str, sig: int = signal.SIGKILL) -> None:
-        """Signal every process of these services' sessions (the service and what it spawned)."""
-        signal_all(list(session_members({self.procs[n].pid for n in names})), sig)
+        """Signal every process of these services' sessions (the service and what it spawned).
+
+        With SIGKILL, repeat until the sessions are empty: a process dying right now, or one
+        spawned between listing and signalling, shows up in /proc for a moment longer.
+        """
+        sessions = {self.procs[n].pid for n in names}
+        signal_all(list(session_members(sessions)), sig)
+        if sig != signal.SIGKILL:
+            return
         for n in names:
-            if sig == signal.SIGKILL:
-                self.procs[n].wait(timeout=30)
+            self.procs[n].wait(timeout=30)
+        end = time.monotonic() + 15
+        while (left := session_members(sessions)) and time.monotonic() < end:
+            signal_all(list(left), sig)
+            time.sleep(0.2)
 
     def stop(self) -> dict[int, int]:
         """SIGTERM every process of our sessions by PID, SIGKILL what is left; returns survivors (none)."""
