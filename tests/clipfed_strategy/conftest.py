@@ -7,10 +7,7 @@ Nothing here reads ../shared: every array comes from ``sklearn.datasets.load_dig
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,13 +28,9 @@ EMBED_DIM = 16
 
 def digits_fl():
     """The shared digits backdoor problem (``_digits_fl.py``), loaded by path once."""
-    name = "clipfed_strategy_tests_digits_fl"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_digits_fl.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from testkit import load_sibling
+
+    return load_sibling(__file__, "_digits_fl.py", "clipfed_strategy_tests_digits_fl")
 
 
 # --------------------------------------------------------------------------- user-style model

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,13 +15,9 @@ from clipfed_strategy.validation import update_norm
 
 def _helpers():
     """This directory's conftest.py as a module (its plain helper functions)."""
-    name = "clipfed_strategy_tests_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from testkit import load_sibling
+
+    return load_sibling(__file__, "conftest.py", "clipfed_strategy_tests_helpers")
 
 
 H = _helpers()

@@ -1,9 +1,6 @@
 """Server-side distillation: it removes a BadNets backdoor on digits and honours its settings."""
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +12,9 @@ from clipfed_strategy.losses import prototype_contrastive_loss
 
 
 def _load_problem_module():
-    name = "clipfed_strategy_tests_digits_fl"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_digits_fl.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from testkit import load_sibling
+
+    return load_sibling(__file__, "_digits_fl.py", "clipfed_strategy_tests_digits_fl")
 
 
 P = _load_problem_module()

@@ -28,17 +28,9 @@ from flower_harness import FakeGrid, reply_message
 
 def _helpers():
     """This directory's conftest.py as a module (its plain helper functions)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from testkit import load_sibling
 
-    name = "clipfed_strategy_tests_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_sibling(__file__, "conftest.py", "clipfed_strategy_tests_helpers")
 
 
 H = _helpers()

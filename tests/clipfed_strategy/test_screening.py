@@ -1,9 +1,6 @@
 """Behavioural screening: the maths on hand-built logits, then a small federated round on digits."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,13 +24,9 @@ C = 4
 
 
 def _load_problem_module():
-    name = "clipfed_strategy_tests_digits_fl"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_digits_fl.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from testkit import load_sibling
+
+    return load_sibling(__file__, "_digits_fl.py", "clipfed_strategy_tests_digits_fl")
 
 
 def _logits_from_preds(preds):
