@@ -375,18 +375,24 @@ def _run_round(cell: Cell) -> dict[str, Any]:
     for x in layouts.values():
         floor(x, plain_states[:1])  # warm-up
 
-    # repeats interleaved, so that a change of machine load hits every variant alike
-    for r in range(R):
-        record("fedavg", lambda: FedAvg().aggregate_train(1, replies))
+    def run_round(r: int) -> None:
         record("round", lambda: strategy.aggregate_train(r + 1, replies))
         for name, sec in strategy.last_round_report["seconds"].items():
             samples.setdefault(f"round_{name}", []).append(sec)
-        if do_loop:
-            record("screen_looped", lambda: screen_with(False))
-        if do_vmap:
-            record("screen_vmap", lambda: screen_with(True, "vmap"))
-        for name, x in layouts.items():
-            samples.setdefault(name, []).append(floor(x, plain_states))
+
+    steps: list[Callable[[int], None]] = [lambda r: record("fedavg", lambda: FedAvg().aggregate_train(1, replies)),
+                                          run_round]
+    if do_loop:
+        steps.append(lambda r: record("screen_looped", lambda: screen_with(False)))
+    if do_vmap:
+        steps.append(lambda r: record("screen_vmap", lambda: screen_with(True, "vmap")))
+    for name, x in layouts.items():
+        steps.append(lambda r, name=name, x=x: samples.setdefault(name, []).append(floor(x, plain_states)))
+    # repeats interleaved, in reverse order every other repeat, so that a change of machine load
+    # (or any drift) hits every variant alike
+    for r in range(R):
+        for step in (steps if r % 2 == 0 else steps[::-1]):
+            step(r)
     report = strategy.last_round_report
     if report["rejected"]:
         log.warning("the round rejected %d of %d synthetic replies: %s", len(report["rejected"]), cell.k,
@@ -396,21 +402,27 @@ def _run_round(cell: Cell) -> dict[str, Any]:
 
     sec = {name: median(v) for name, v in samples.items()}
     channels_last = "floor_cl" in sec
-    screen_s = sec["round_screen"]
     out.update({
         "seconds": sec,
         "samples": samples,
         "peak_mib": {name: asdict(p) for name, p in peaks.items()},
-        "ratios": {
-            "round_over_fedavg": sec["round"] / sec["fedavg"],
-            "batched_over_looped": screen_s / sec["screen_looped"] if do_loop else None,
-            "vmap_over_looped": sec["screen_vmap"] / sec["screen_looped"] if do_loop and do_vmap else None,
-            "screen_over_floor": screen_s / sec["floor"],
-            "screen_over_floor_cl": screen_s / sec["floor_cl"] if channels_last else None,
-        },
+        "ratios": _ratios(sec, do_loop, do_vmap, channels_last),
+        # the same from the fastest repeat of each (noise on a shared machine only ever adds time)
+        "ratios_best": _ratios({name: min(v) for name, v in samples.items()}, do_loop, do_vmap, channels_last),
         "load_after": os.getloadavg()[0],
     })
     return out
+
+
+def _ratios(sec: dict[str, float], loop: bool, vmap: bool, channels_last: bool) -> dict[str, float | None]:
+    screen_s = sec["round_screen"]
+    return {
+        "round_over_fedavg": sec["round"] / sec["fedavg"],
+        "batched_over_looped": screen_s / sec["screen_looped"] if loop else None,
+        "vmap_over_looped": sec["screen_vmap"] / sec["screen_looped"] if loop and vmap else None,
+        "screen_over_floor": screen_s / sec["floor"],
+        "screen_over_floor_cl": screen_s / sec["floor_cl"] if channels_last else None,
+    }
 
 
 def with_epoch(result: dict[str, Any], epoch: dict[str, Any] | None) -> dict[str, Any]:
@@ -421,6 +433,8 @@ def with_epoch(result: dict[str, Any], epoch: dict[str, Any] | None) -> dict[str
     epoch_s = epoch["seconds"]["client_epoch"]
     sec["client_epoch"] = epoch_s
     result["ratios"]["round_over_epoch"] = sec["round"] / epoch_s
+    result["ratios_best"]["round_over_epoch"] = min(result["samples"]["round"]) / min(epoch["samples"]["client_epoch"]) \
+        * epoch["cell"]["epoch_images"] / epoch["cell"]["client_images"]
     per_row = (sec["round_screen"] + sec["round_distill"]) / result["rows"]
     fixed = sec["round"] - sec["round_screen"] - sec["round_distill"]
     result["break_even_rows"] = max(0, int((TARGETS["round_over_epoch"] * epoch_s - fixed) / per_row))
@@ -538,7 +552,7 @@ def check_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
     for name, limit in TARGETS.items():
         value = cell["ratios"].get(name)
         out[name] = {"value": value, "limit": limit, "met": None if value is None else bool(value <= limit),
-                     "rows": cell.get("rows")}
+                     "value_best": cell.get("ratios_best", {}).get(name), "rows": cell.get("rows")}
     return out
 
 
@@ -632,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for name, t in summary["targets_cpu_cnn_k50"].items():
         verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        print(f"target {name} <= {t['limit']} (cnn, K=50, {t['rows']} rows): {_fmt(t['value'])} -> {verdict}")
+        print(f"target {name} <= {t['limit']} (cnn, K=50, {t['rows']} rows): {_fmt(t['value'])} -> {verdict} "
+              f"(fastest repeats: {_fmt(t['value_best'])})")
     print(f"load average (1 min) {summary['load_average_1min']['min']:.1f}..{summary['load_average_1min']['max']:.1f}; "
           f"wrote {out} ({summary['wall_seconds']:.0f} s)")
     return 0 if all("error" not in r for r in results) else 1

@@ -77,6 +77,8 @@ def _check_round(r, k, rows=20):
     assert math.isclose(q["screen_over_floor"], s["round_screen"] / s["floor"])
     assert math.isclose(q["screen_over_floor_cl"], s["round_screen"] / s["floor_cl"])
     assert r["peak_mib"]["round"]["peak"] > 0
+    best = r["ratios_best"]
+    assert math.isclose(best["screen_over_floor"], min(r["samples"]["round_screen"]) / min(r["samples"]["floor"]))
     assert r["screen_method"] == "sequential"  # what eval_method="auto" picks on CPU
     assert r["round_accepted"] == k  # every synthetic reply passed validation and screening
 
