@@ -36,6 +36,13 @@ from clipfed_strategy.validation import update_norm, validate_replies
 log = logging.getLogger(__name__)
 
 
+def screening_details(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric per-client screening values of one record (raw metrics such as ``collapse``,
+    their ``z_*`` scores, the suspected ``target``), without the combined score and reason."""
+    return {k: float(v) for k, v in record.items()
+            if k not in ("score", "reason", "flagged", "weight") and isinstance(v, (int, float))}
+
+
 @dataclass
 class ClientUpdate:
     """One structurally valid reply: a full client model state and its example count."""

@@ -21,7 +21,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from clipfed_strategy.core import CLIPFedDefense, ClientUpdate
+from clipfed_strategy.core import CLIPFedDefense, ClientUpdate, screening_details
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,12 @@ class CLIPFedLegacy(Strategy):
         outcome = self.defense.screen(server_round, self.current, [u for _, _, u in valid])
         kept: list[tuple[ClientProxy, FitRes]] = []
         scores: dict[str, float] = {}
+        details: dict[str, dict[str, float]] = {}
         weights: dict[str, float] = {}
         for (proxy, res, u), w, rec, st in zip(valid, outcome.weights, outcome.records, outcome.states):
             if "score" in rec:
                 scores[proxy.cid] = rec["score"]
+            details[proxy.cid] = screening_details(rec)
             if w <= 0:
                 rejected[proxy.cid] = f"screening: {rec.get('reason', 'flagged')}"
                 continue
@@ -121,7 +123,7 @@ class CLIPFedLegacy(Strategy):
             log.warning("round %d: no result accepted (%d rejected): keeping the previous global model", server_round, len(rejected))
         t_end = time.perf_counter()
         seconds = {"screen": t_screen - t0, "aggregate": t_agg - t_screen, "distill": t_end - t_agg}
-        self.last_round_report = {"accepted": [p.cid for p, _ in kept], "rejected": sorted(rejected), "scores": scores,
+        self.last_round_report = {"accepted": [p.cid for p, _ in kept], "rejected": sorted(rejected), "scores": scores, "screening": details,
                                   "weights": weights, "reasons": rejected, "seconds": seconds, "distill": dstats,
                                   "teacher": self.defense.teacher_info["label"]}
         for cid, reason in rejected.items():

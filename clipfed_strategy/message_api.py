@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clipfed_strategy.core import CLIPFedDefense, ClientUpdate
+from clipfed_strategy.core import CLIPFedDefense, ClientUpdate, screening_details
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,13 @@ class CLIPFed(Strategy):
         outcome = self.defense.screen(server_round, self.current, [u for _, u in valid])
         kept: list[Message] = []
         scores: dict[int, float] = {}
+        details: dict[int, dict[str, float]] = {}
         weights: dict[int, float] = {}
         for (m, u), w, rec, st in zip(valid, outcome.weights, outcome.records, outcome.states):
             node = m.metadata.src_node_id
             if "score" in rec:
                 scores[node] = rec["score"]
+            details[node] = screening_details(rec)
             if w <= 0:
                 rejected[node] = f"screening: {rec.get('reason', 'flagged')}"
                 continue
@@ -144,6 +146,7 @@ class CLIPFed(Strategy):
             "accepted": [m.metadata.src_node_id for m in kept],
             "rejected": sorted(rejected),
             "scores": scores,
+            "screening": details,
             "weights": weights,
             "reasons": rejected,
             "metrics_dropped": dropped_metrics,

@@ -86,6 +86,7 @@ def decisions_with_roles(report: dict[str, Any], replies: dict[int, dict[str, An
     rejected = {int(n) for n in report.get("rejected", [])}
     scores = {int(k): v for k, v in report.get("scores", {}).items()}
     reasons = {int(k): v for k, v in report.get("reasons", {}).items()}
+    details = {int(k): v for k, v in report.get("screening", {}).items()}
     out = {}
     for node_id, r in replies.items():
         if r["error"]:
@@ -97,6 +98,8 @@ def decisions_with_roles(report: dict[str, Any], replies: dict[int, dict[str, An
             "score": scores.get(node_id),
             "reason": reasons.get(node_id, ""),
         }
+        if node_id in details:
+            out[str(node_id)]["screening"] = details[node_id]
     return out
 
 

@@ -156,6 +156,11 @@ def test_round_completes_and_rejects_exactly_the_backdoor(digits_round):
     assert "onto class 0" in report["reasons"][backdoor]  # the BadNets target
     assert set(report["scores"]) == set(grid.node_ids)
     assert report["scores"][backdoor] > max(report["scores"][n] for n in grid.node_ids[:BACKDOOR])
+    # raw per-client metrics are reported too: the backdoored client collapses onto class 0
+    details = report["screening"]
+    assert set(details) == set(grid.node_ids)
+    assert details[backdoor]["target"] == 0
+    assert details[backdoor]["collapse"] > max(details[n]["collapse"] for n in grid.node_ids[:BACKDOOR])
     assert report["kept_previous_model"] is False and report["screen_enforced"] is True
     assert "STAND-IN" in report["teacher"]
     assert set(report["seconds"]) == {"validate", "screen", "aggregate", "distill"}
