@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from clipfed_strategy.distillation import DistillConfig
-from clipfed_strategy.screening import METRICS, MODES, RULES
+from clipfed_strategy.screening import COLLAPSE_REFERENCES, METRICS, MODES, RULES
 from clipfed_strategy.validation import ValidationConfig
 
 
@@ -34,9 +34,13 @@ class ScreeningConfig:
         Temperature of the client/teacher softmax in ``kl``.
     soft_collapse : bool, default False
         Mean probabilities instead of argmax counts in ``collapse``.
+    collapse_ref : {"prediction", "label"}, default "prediction"
+        ``collapse`` compares a perturbed row's prediction with the model's own prediction on the
+        clean source (robust when client models misclassify synthetic server images) or with the
+        intended label (see :func:`clipfed_strategy.screening.behaviour_scores`).
     rule : {"mad", "kmeans2", "threshold"}, default "mad"
     z_thr, gap, abs_thr : float, defaults 2.5, 1.0, 0.2
-    min_collapse : float, default 0.15
+    min_collapse : float, default 0.3
         A client is only flagged when its collapse also exceeds this absolute value.
     max_reject_frac : float, default 0.5
     min_kept, min_clients : int, defaults 1, 3
@@ -57,6 +61,7 @@ class ScreeningConfig:
     w_proto: float = 0.0
     T: float = 1.0
     soft_collapse: bool = False
+    collapse_ref: str = "prediction"
     rule: str = "mad"
     z_thr: float = 2.5
     gap: float = 1.0
@@ -74,6 +79,10 @@ class ScreeningConfig:
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise CLIPFedConfigError(f"screen-rule is {self.rule!r}; allowed values: {', '.join(RULES)}")
+        if self.collapse_ref not in COLLAPSE_REFERENCES:
+            raise CLIPFedConfigError(
+                f"screen-collapse-ref is {self.collapse_ref!r}; allowed values: {', '.join(COLLAPSE_REFERENCES)}"
+            )
         if self.mode not in MODES:
             raise CLIPFedConfigError(f"screen-mode is {self.mode!r}; allowed values: {', '.join(MODES)}")
         if self.clip_norm not in ("none", "median"):

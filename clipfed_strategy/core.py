@@ -257,6 +257,7 @@ class CLIPFedDefense:
             teacher_logits_for_aug=self.teacher_logits[self.src[a]],
             client_feats_clean=None if feats is None else feats[:, c],
             T=cfg.T, soft=cfg.soft_collapse, aug_source=self.aug_source_pos, aug_groups=self.variants[a],
+            reference=cfg.collapse_ref,
         )
 
     # ------------------------------------------------------------------ step 3: distil

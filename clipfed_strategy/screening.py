@@ -4,14 +4,17 @@ Every client model is scored by how it *behaves* on the server's synthetic clean
 frequency-augmented copies D_a (trigger-like perturbations that keep the clean label):
 
 ``collapse`` (default metric)
-    For each class c, q^a(c) = share of D_a rows with label ≠ c that the model predicts as c, and
-    q^s(c) = the same share on D_s (the clean sources of those rows); collapse = max_c
-    [q^a(c) − q^s(c)]·(1 − q^s(c)), c* = the argmax (the suspected target), computed per
-    augmentation variant and maximised over variants. A benign client with skewed data
-    over-predicts its majority classes on *both* sets, so the skew cancels in the difference; the
-    (1 − q^s) factor also discounts perturbations that merely tip images between a skewed
-    client's majority classes. A backdoored client moves mass specifically on trigger-like inputs
-    to a class it almost never predicts for other classes' clean images (q^s ≈ 0).
+    Per augmentation variant, for each class c: the share of rows the model does not put in c
+    when clean (its own prediction on the row's clean source) that it puts in c once perturbed,
+    times (1 − q^s(c)), q^s(c) = the share of clean rows of other labels it predicts as c;
+    collapse = the largest over classes and variants, c* = the argmax (the suspected target).
+    A benign client with skewed data over-predicts its majority classes on clean and perturbed
+    rows alike, so flips onto them stay rare, and the (1 − q^s) factor discounts perturbations that
+    merely tip images between a skewed client's majority classes. A backdoored client moves
+    trigger-like inputs to a class it almost never predicts for other classes' clean images
+    (q^s ≈ 0). Comparing with the model's own clean prediction (``reference="prediction"``)
+    rather than the intended label keeps the score meaningful on synthesised server images
+    that client models often misclassify; ``reference="label"`` uses q^a(c) − q^s(c) on labels.
 ``kl``
     Mean KL(teacher(x_src)/T ‖ client(x)/T) over D_s ∪ D_a, the teacher seeing each row's clean
     source. Also high for benign clients that never saw some classes: weight it low under Non-IID.
@@ -47,6 +50,7 @@ logger = logging.getLogger(__name__)
 METRICS = ("collapse", "kl", "agree", "proto")
 RULES = ("mad", "kmeans2", "threshold")
 MODES = ("drop", "soft")
+COLLAPSE_REFERENCES = ("prediction", "label")
 MAD_SCALE = 1.4826
 DEFAULT_WEIGHTS = {"collapse": 1.0}
 """Collapse only: kl/agree are confounded by label skew (two-class clients reached kl z-scores of
@@ -122,6 +126,42 @@ def collapse_scores(
     return collapse, target, shift
 
 
+def flip_collapse_scores(
+    logits_src: Tensor,
+    labels_src: Tensor,
+    logits_aug: Tensor,
+    soft: bool = False,
+    T: float = 1.0,
+    skew_discount: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Collapse measured against each model's *own* prediction on the clean source of every row.
+
+    ``logits_src[:, n]`` and ``logits_aug[:, n]`` are the same image before and after the
+    trigger-like perturbation. The flip rate of class c is the share of the rows the model does
+    *not* put in c when clean that it puts in c once perturbed: f(c) = #{ĉ_aug = c, ĉ_src ≠ c} /
+    #{ĉ_src ≠ c}. Unlike :func:`collapse_scores` it does not assume the model classifies the
+    server images as intended, which synthesised (teacher-inverted) images are not: a model trained
+    on real digits classified 24 % of them as intended, and the label-based shift of a
+    backdoored model fell to 0.16 where its flip rate was 0.38–0.60 (benign ≤ 0.12). With
+    ``skew_discount`` f(c) is multiplied by (1 − q^s(c)), q^s(c) the share of clean rows of other
+    labels the model predicts as c, as in :func:`collapse_scores`.
+
+    Returns
+    -------
+    collapse : Tensor ``[K]``
+    target : Tensor ``[K]`` int64
+    flip : Tensor ``[K, C]``
+    """
+    clean_top = F.one_hot(logits_src.argmax(dim=-1), logits_src.shape[-1]).float()  # [K, N, C]
+    not_c = 1.0 - clean_top
+    mass_aug = _class_mass(logits_aug, soft, T)
+    flip = (mass_aug * not_c).sum(dim=1) / not_c.sum(dim=1).clamp_min(1.0)
+    if skew_discount:
+        flip = flip * (1.0 - off_class_rate(logits_src, labels_src, soft, T))
+    collapse, target = flip.max(dim=-1)
+    return collapse, target, flip
+
+
 def prototype_deviation(feats: Tensor, labels: Tensor) -> Tensor:
     """proto_i = max_c (1 − cos(μ_ic, m_c)), μ_ic the normalised class-mean feature of client i and
     m_c the coordinate-wise median of μ_jc over clients. ``feats`` is ``[K, N, d]``."""
@@ -146,6 +186,7 @@ def behaviour_scores(
     aug_source: Tensor | None = None,
     aug_groups: Tensor | None = None,
     skew_discount: bool = True,
+    reference: str = "prediction",
 ) -> dict[str, Tensor]:
     """Suspicion scores of K client models (higher = more suspicious).
 
@@ -179,6 +220,11 @@ def behaviour_scores(
         activate the backdoor. ``None`` = one group.
     skew_discount : bool, default True
         Multiply each class's shift by (1 − q^s(c)) (see :func:`collapse_scores`).
+    reference : {"prediction", "label"}, default "prediction"
+        What a perturbed row's prediction is compared with: the model's own prediction on the
+        row's clean source (:func:`flip_collapse_scores`; needs ``aug_source``), or the intended
+        labels (:func:`collapse_scores`). ``prediction`` keeps working when the server images are
+        synthetic and client models misclassify many of them.
 
     Returns
     -------
@@ -201,8 +247,12 @@ def behaviour_scores(
     labels_aug = labels_aug.to(device)
     client_logits_aug = client_logits_aug.to(device)
 
+    if reference not in COLLAPSE_REFERENCES:
+        raise ScreeningError(f"screen.collapse-ref must be one of {COLLAPSE_REFERENCES}, got {reference!r}")
     if aug_source is not None:
         aug_source = aug_source.to(device).long()
+    elif reference == "prediction":
+        reference = "label"  # no pairing of augmented rows with their sources: compare with labels
     groups = (
         torch.zeros(labels_aug.shape[0], dtype=torch.long, device=device)
         if aug_groups is None
@@ -216,10 +266,15 @@ def behaviour_scores(
             ref_logits, ref_labels = client_logits_clean[:, src], labels_clean[src]
         else:
             ref_logits, ref_labels = client_logits_clean, labels_clean
-        collapse, target, _ = collapse_scores(
-            ref_logits, ref_labels, client_logits_aug[:, rows], labels_aug[rows], soft=soft, T=T,
-            skew_discount=skew_discount,
-        )
+        if reference == "prediction":
+            collapse, target, _ = flip_collapse_scores(
+                ref_logits, ref_labels, client_logits_aug[:, rows], soft=soft, T=T, skew_discount=skew_discount
+            )
+        else:
+            collapse, target, _ = collapse_scores(
+                ref_logits, ref_labels, client_logits_aug[:, rows], labels_aug[rows], soft=soft, T=T,
+                skew_discount=skew_discount,
+            )
         if best_collapse is None:
             best_collapse, best_target = collapse, target
         else:

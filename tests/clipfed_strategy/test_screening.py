@@ -14,6 +14,7 @@ from clipfed_strategy.screening import (
     clip_update_norms,
     collapse_scores,
     combine,
+    flip_collapse_scores,
     decide,
     robust_z,
     screen,
@@ -64,6 +65,42 @@ def test_collapse_by_hand_with_skew_discount():
     q_s, q_a = 2 / 6, 4 / 6
     assert float(got[1]) == pytest.approx((q_a - q_s) * (1 - q_s))
     assert int(target[1]) == 0 and float(got[0]) == pytest.approx(0.0)
+
+
+def test_flip_collapse_by_hand():
+    # 1 client, 8 rows; clean predictions are partly wrong (as on synthetic server images)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    clean = torch.tensor([[1, 0, 1, 3, 2, 0, 3, 2]])
+    aug = torch.tensor([[0, 0, 0, 0, 2, 0, 0, 2]])
+    got, target, flip = flip_collapse_scores(_logits_from_preds(clean), labels, _logits_from_preds(aug))
+    # class 0: clean predicts non-0 on rows 0, 2, 3, 4, 6, 7; rows 0, 2, 3 and 6 go to 0 when perturbed
+    moved = sum(1 for c, a in zip(clean[0].tolist(), aug[0].tolist()) if c != 0 and a == 0)
+    assert moved == 4
+    q_s = 1 / 6  # clean rows with label != 0 predicted 0: row 5 only, of 6
+    assert float(flip[0, 0]) == pytest.approx(4 / 6 * (1 - q_s))
+    assert int(target[0]) == 0 and float(got[0]) == pytest.approx(4 / 6 * (1 - q_s))
+    raw, _, _ = flip_collapse_scores(_logits_from_preds(clean), labels, _logits_from_preds(aug), skew_discount=False)
+    assert float(raw[0]) == pytest.approx(4 / 6)
+
+
+def test_prediction_reference_survives_misclassified_server_images():
+    """Client models that misclassify the (synthetic) server set: half of every class's clean rows
+    already go to class 3. A trigger sends everything to class 3 for the backdoored client. The
+    label-based shift sees little change (q^s(3) is already high); the flip rate sees every row
+    that was not 3 move to 3."""
+    n = len(LABELS)
+    confused = torch.where(torch.arange(n) % 2 == 0, torch.full((n,), 3), LABELS)
+    clean = _logits_from_preds(torch.stack([confused, confused]))
+    aug = _logits_from_preds(torch.stack([confused, torch.full((n,), 3)]))
+    source = torch.arange(n)
+    by_label = behaviour_scores(clean, LABELS, aug, LABELS, aug_source=source, reference="label",
+                                skew_discount=False)["collapse"]
+    by_pred = behaviour_scores(clean, LABELS, aug, LABELS, aug_source=source, reference="prediction",
+                               skew_discount=False)["collapse"]
+    assert by_pred.tolist() == pytest.approx([0.0, 1.0])
+    assert float(by_label[1]) < 0.6 < float(by_pred[1])
+    with pytest.raises(ScreeningError, match="collapse-ref"):
+        behaviour_scores(clean, LABELS, aug, LABELS, aug_source=source, reference="teacher")
 
 
 def test_soft_collapse_uses_probabilities():
@@ -259,3 +296,12 @@ def test_soft_mode_downweights_the_backdoor(round_scores):
     d = screen(scores(ATTACKED), mode="soft", num_examples=[100] * 6)
     assert float(d.weights[5]) < 0.05 * float(d.weights[:5].min())
     assert d.weights[:5].tolist() == pytest.approx([100.0] * 5)  # benign: no collapse, full weight
+
+
+def test_collapse_reference_is_a_run_config_key():
+    from clipfed_strategy.config import CLIPFedConfig, CLIPFedConfigError
+
+    assert CLIPFedConfig.from_run_config({}).screen.collapse_ref == "prediction"
+    assert CLIPFedConfig.from_run_config({"screen-collapse-ref": "label"}).screen.collapse_ref == "label"
+    with pytest.raises(CLIPFedConfigError, match="screen-collapse-ref.*allowed values: prediction, label"):
+        CLIPFedConfig.from_run_config({"screen-collapse-ref": "teacher"})
