@@ -40,7 +40,7 @@ class ScreeningConfig:
         intended label (see :func:`clipfed_strategy.screening.behaviour_scores`).
     rule : {"mad", "kmeans2", "threshold"}, default "mad"
     z_thr, gap, abs_thr : float, defaults 2.5, 1.0, 0.2
-    min_collapse : float, default 0.3
+    min_collapse : float, default 0.2
         A client is only flagged when its collapse also exceeds this absolute value.
     max_reject_frac : float, default 0.5
     min_kept, min_clients : int, defaults 1, 3
@@ -66,7 +66,7 @@ class ScreeningConfig:
     z_thr: float = 2.5
     gap: float = 1.0
     abs_thr: float = 0.2
-    min_collapse: float = 0.3
+    min_collapse: float = 0.2
     max_reject_frac: float = 0.5
     min_kept: int = 1
     min_clients: int = 3
