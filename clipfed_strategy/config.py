@@ -39,8 +39,8 @@ class ScreeningConfig:
         clean source (robust when client models misclassify synthetic server images) or with the
         intended label (see :func:`clipfed_strategy.screening.behaviour_scores`).
     rule : {"mad", "kmeans2", "threshold"}, default "mad"
-    z_thr, gap, abs_thr : float, defaults 2.5, 1.0, 0.2
-    min_collapse : float, default 0.2
+    z_thr, gap, abs_thr : float, defaults 3.0, 1.0, 0.2
+    min_collapse : float, default 0.15
         A client is only flagged when its collapse also exceeds this absolute value.
     max_reject_frac : float, default 0.5
     min_kept, min_clients : int, defaults 1, 3
@@ -63,10 +63,10 @@ class ScreeningConfig:
     soft_collapse: bool = False
     collapse_ref: str = "prediction"
     rule: str = "mad"
-    z_thr: float = 2.5
+    z_thr: float = 3.0
     gap: float = 1.0
     abs_thr: float = 0.2
-    min_collapse: float = 0.2
+    min_collapse: float = 0.15
     max_reject_frac: float = 0.5
     min_kept: int = 1
     min_clients: int = 3

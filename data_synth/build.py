@@ -217,6 +217,10 @@ def build_server_dataset(
         if isinstance(generator, str)
         else generator.describe()
     )
+    if generator == "teacher-inversion" and (generator_options or {}).get("w_bn") is None:
+        from data_synth.generators.inversion import default_w_bn
+
+        gen_spec["w_bn"] = default_w_bn(channels)  # a channel-dependent default belongs to the build's identity
     config = {
         "class_names": class_names,
         "resolution": list(res),

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from clipfed_strategy.freq_augment import FreqAugError
@@ -109,3 +110,18 @@ def test_teacher_inversion_end_to_end(tmp_path, oracle_teacher):
     assert again.content_hash() == ds.content_hash()  # seeded
     with pytest.raises(SynthError, match="unknown option"):
         _build(tmp_path / "inv3", oracle_teacher, "teacher-inversion", generator_options={"stepz": 3})
+
+
+def test_inversion_bn_prior_weight_defaults_by_channels(oracle_teacher):
+    """The BatchNorm-prior weight defaults to 0.1 for grey images and 0.01 for colour (on the
+    CIFAR-10 stand-in 0.1 overpowered the class objective); an explicit value wins."""
+    from data_synth.generators import GenContext, make_generator
+    from data_synth.generators.inversion import default_w_bn
+
+    assert (default_w_bn(1), default_w_bn(3)) == (0.1, 0.01)
+    names = list(oracle_teacher.class_names)
+    grey = make_generator("teacher-inversion", GenContext(names, (8, 8), 1, torch.device("cpu"), oracle_teacher, False))
+    colour = make_generator("teacher-inversion", GenContext(names, (8, 8), 3, torch.device("cpu"), oracle_teacher, False))
+    fixed = make_generator("teacher-inversion", GenContext(names, (8, 8), 3, torch.device("cpu"), oracle_teacher, False),
+                           {"w_bn": 0.2})
+    assert [g.describe()["config"]["w_bn"] for g in (grey, colour, fixed)] == [0.1, 0.01, 0.2]
