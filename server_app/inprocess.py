@@ -104,3 +104,43 @@ def run_inprocess(overrides: dict[str, Any] | None = None, *, server_app: Server
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     (server_app or default_server)(grid, ctx)
     return cfg.results_path
+
+
+def _parse_value(text: str) -> Any:
+    """``key=value`` values as TOML scalars (numbers, booleans, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m server_app.inprocess key=value ...``: one federation in-process (no Ray, no
+    SuperLink) with the pyproject defaults overridden; prints MA / ASR / screening per round."""
+    import json
+    import sys
+    import time
+
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(main.__doc__)
+        return 0
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        print(f"arguments must be run-config key=value pairs, got {bad}", file=sys.stderr)
+        return 2
+    overrides = {k: _parse_value(v) for k, v in (a.split("=", 1) for a in args)}
+    t0 = time.perf_counter()
+    out = run_inprocess(overrides)
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"{'round':>5} {'MA':>6} {'ASR':>6} {'rejected':>8} {'TPR':>5} {'FPR':>5}")
+    for r in metrics["rounds"]:
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"{r['round']:>5} {100 * r['ma']:>5.1f}% {100 * r['asr']:>5.1f}% {str(r.get('num_rejected', '-')):>8} "
+              f"{fmt(r.get('tpr')):>5} {fmt(r.get('fpr')):>5}")
+    print(f"wall {time.perf_counter() - t0:.1f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -85,3 +85,17 @@ def test_bad_config_fails_before_anything_runs(results_dir):
     with pytest.raises(ConfigError, match="'dataset'.*digits, cifar10, cifar10-lt"):
         server_app(grid, ctx)
     assert list(results_dir.iterdir()) == []  # no half-written results
+
+
+def test_inprocess_command_line(results_dir, capsys):
+    from server_app.inprocess import main
+
+    args = [f"{k}={v}" for k, v in SMALL.items() if k != "malicious-ids"]
+    rc = main(args + ['malicious-ids="0"', "num-server-rounds=1", f"results-dir={results_dir}", "run-name=cli",
+                      "attack=none"])
+    out = capsys.readouterr().out
+    assert rc == 0 and (results_dir / "cli" / "metrics.json").exists()
+    metrics = _load(results_dir / "cli")
+    assert metrics["config"]["attack"] == "none" and metrics["config"]["num-server-rounds"] == 1
+    assert "results in" in out and len([ln for ln in out.splitlines() if ln.strip().startswith("1 ")]) == 1
+    assert main(["num-clients"]) == 2 and "key=value" in capsys.readouterr().err
