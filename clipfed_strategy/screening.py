@@ -29,7 +29,8 @@ weights, and a rule (``mad``, ``kmeans2`` or ``threshold``) flags clients, under
 absolute floor on collapse (``min_collapse``; MAD z-scores of K benign clients always exceed a
 threshold for someone, so a flag also needs real evidence), a cap on the share rejected, a minimum
 kept, and log-only below ``min_clients`` replies. ``drop`` gives flagged clients weight 0, ``soft``
-gives every client n·exp(−β·max(0, S)).
+gives every client n·exp(−β·max(0, S − z_thr)) instead of dropping (``mad`` rule; the other rules
+use S itself): clients under the threshold keep their full weight.
 """
 
 from __future__ import annotations
@@ -359,7 +360,8 @@ class ScreeningDecision:
         ``min_clients`` replies) they are only reported, not acted on.
     weights : Tensor ``[K]`` float
         Aggregation weights to use: ``drop``: n_i for kept, 0 for flagged; ``soft``:
-        n_i·exp(−β·max(0, S_i)) (S_i taken as ≤ 0 for clients below the collapse floor);
+        n_i·exp(−β·max(0, S_i − z_thr)) with rule ``mad`` (−β·max(0, S_i) with the other rules;
+        S_i taken as ≤ 0 for clients below the collapse floor);
         n_i everywhere when not enforced.
     reasons : list[str]
         One human-readable line per client.
@@ -477,7 +479,8 @@ def decide(
     min_clients : int, default 3
         With fewer replies, flags are reported but not acted on (``enforced=False``).
     soft_beta : float, default 1.0
-        β of the soft weights (> 0).
+        β of the soft weights (> 0): n·exp(−β·max(0, S − z_thr)) with rule ``mad`` (clients under
+        the threshold keep full weight), n·exp(−β·max(0, S)) with the other rules.
     num_examples : sequence or Tensor ``[K]`` or None, default None
         n_i; ``None`` = 1 for all.
     collapse : Tensor ``[K]`` or None, default None
@@ -542,7 +545,8 @@ def decide(
         weights = n * (~flagged).float()
     else:
         s_eff = torch.where(below_floor, combined.clamp(max=0.0), combined)
-        weights = n * torch.exp(-soft_beta * s_eff.clamp(min=0.0))
+        offset = z_thr if rule == "mad" else 0.0
+        weights = n * torch.exp(-soft_beta * (s_eff - offset).clamp(min=0.0))
 
     reasons = []
     for i in range(k):

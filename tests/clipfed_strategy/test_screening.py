@@ -178,7 +178,7 @@ def test_combine_weighted_mean_and_errors():
 
 
 def test_decide_rules_and_fail_safes():
-    s = torch.tensor([0.0, 0.2, -0.3, 5.0, 3.0, 0.1])
+    s = torch.tensor([0.0, 0.2, -0.3, 5.0, 3.5, 0.1])
     strong = torch.full((6,), 0.9)
     d = decide(s, collapse=strong)
     assert d.flagged.tolist() == [False, False, False, True, True, False]
@@ -204,9 +204,13 @@ def test_decide_rules_and_fail_safes():
 def test_decide_soft_weights_formula():
     s = torch.tensor([-1.0, 0.5, 4.0, 3.0])
     collapse = torch.tensor([0.5, 0.5, 0.9, 0.05])
-    d = decide(s, mode="soft", soft_beta=0.5, num_examples=[10, 10, 10, 10], collapse=collapse)
-    want = [10.0, 10 * math.exp(-0.25), 10 * math.exp(-2.0), 10.0]  # client 3 below the floor
+    d = decide(s, mode="soft", soft_beta=0.5, num_examples=[10, 10, 10, 10], collapse=collapse, z_thr=2.5)
+    # rule "mad": the penalty starts at the threshold; client 3 is above it but below the collapse floor
+    want = [10.0, 10.0, 10 * math.exp(-0.5 * (4.0 - 2.5)), 10.0]
     assert d.weights.tolist() == pytest.approx(want, rel=1e-6)
+    other = decide(s, mode="soft", soft_beta=0.5, num_examples=[10] * 4, collapse=collapse, rule="threshold",
+                   abs_thr=3.5)
+    assert other.weights.tolist() == pytest.approx([10.0, 10 * math.exp(-0.25), 10 * math.exp(-2.0), 10.0], rel=1e-6)
     assert d.flagged.tolist() == [False, False, True, False]
     with pytest.raises(ScreeningError, match="soft-beta"):
         decide(s, mode="soft", soft_beta=0.0)
