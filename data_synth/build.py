@@ -218,9 +218,12 @@ def build_server_dataset(
         else generator.describe()
     )
     if generator == "teacher-inversion" and (generator_options or {}).get("w_bn") is None:
-        from data_synth.generators.inversion import default_w_bn
+        from data_synth.generators.inversion import LEGACY_W_BN, default_w_bn
 
-        gen_spec["w_bn"] = default_w_bn(channels)  # a channel-dependent default belongs to the build's identity
+        # a channel-dependent default belongs to the build's identity; where it equals the former
+        # fixed default the key stays as before, so existing grey-image sets are still reused
+        if default_w_bn(channels) != LEGACY_W_BN:
+            gen_spec["w_bn"] = default_w_bn(channels)
     config = {
         "class_names": class_names,
         "resolution": list(res),

@@ -32,9 +32,13 @@ log = logging.getLogger(__name__)
 PARAMS = ("pixel", "dct")
 
 
+LEGACY_W_BN = 0.1
+"""The fixed default of ``w_bn`` before it depended on the channels."""
+
+
 def default_w_bn(channels: int) -> float:
     """The BatchNorm-prior weight used when ``InversionConfig.w_bn`` is None (see there)."""
-    return 0.1 if channels == 1 else 0.01
+    return LEGACY_W_BN if channels == 1 else 0.01
 
 
 @dataclass(frozen=True)
