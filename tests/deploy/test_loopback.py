@@ -446,8 +446,7 @@ def test_loopback_run_survives_a_killed_supernode(app_dir: Path, tmp_path: Path,
     """SIGKILL the attacker's SuperNode (and its SuperExec) while round 2 waits for it.
 
     To make the timing deterministic, the attacker's ClientApp SuperExec is frozen (SIGSTOP) as
-    soon as it has spawned its round-1 ClientApp, which still finishes; the node therefore never
-    answers round 2. Once its SuperNode has received the round-2 message, both are killed. The
+    soon as its SuperNode has sent the round-1 reply; the node therefore never answers round 2. Once its SuperNode has received the round-2 message, both are killed. The
     SuperLink marks the node offline when two heartbeats are missed (Flower 1.42: interval 30 s,
     patience 2) and answers with an error reply; the round completes with the two other replies.
     """
@@ -461,11 +460,14 @@ def test_loopback_run_survives_a_killed_supernode(app_dir: Path, tmp_path: Path,
     run_id = fed.submit(app_dir, run_config(results, "loop-kill"))
 
     end = time.monotonic() + RUN_DEADLINE_S
-    while not children(fed.procs[victim_exec].pid):
-        assert time.monotonic() < end, f"{victim_exec} never started a ClientApp:\n{fed.tails()}"
+    # freeze the attacker's SuperExec once its SuperNode has sent the round-1 reply: freezing it as
+    # soon as it spawned the ClientApp could stall that ClientApp's hand-over and with it round 1
+    # (seen once in CI); round 2 cannot start before the server has aggregated and evaluated round 1
+    while fed.log(victim).count("Sending: train message") < 1:
+        assert time.monotonic() < end, f"{victim} never sent its round-1 reply:\n{fed.tails()}"
         assert fed.procs[victim_exec].poll() is None, fed.tails()
         time.sleep(0.05)
-    os.kill(fed.procs[victim_exec].pid, signal.SIGSTOP)   # round 1's ClientApp runs on; no round-2 ClientApp
+    os.kill(fed.procs[victim_exec].pid, signal.SIGSTOP)   # no round-2 ClientApp
     while fed.log(victim).count("Receiving: train message") < 2:
         assert time.monotonic() < end, f"{victim} never received the round-2 message:\n{fed.tails()}"
         time.sleep(0.2)
