@@ -45,17 +45,28 @@ def load_decisions(path: str | Path) -> list[dict[str, Any]]:
 
 
 def replay(rows: list[dict[str, Any]], floor: float, z_thr: float) -> dict[str, Any]:
-    """TPR / FPR when a client is flagged iff ``collapse ≥ floor`` and ``score > z_thr``.
+    """TPR / FPR when each round is re-decided by :func:`clipfed_strategy.screening.decide` (rule
+    ``mad``: flagged iff ``score > z_thr`` and ``collapse ≥ floor``).
 
-    The reject cap and minimum-kept fail-safes of :func:`clipfed_strategy.screening.decide` are not
-    applied (they rarely bind with 20 % attackers)."""
-    tp = fn = fp = tn = 0
+    The reject cap and minimum-kept fail-safes are switched off (they rarely bind with 20 %
+    attackers), so every client over both bars counts as flagged."""
+    import torch
+
+    from clipfed_strategy.screening import decide
+
+    by_round: dict[int, list[dict[str, Any]]] = {}
     for d in rows:
-        flag = d["collapse"] >= floor and d["score"] > z_thr
-        if d["malicious"]:
-            tp, fn = tp + flag, fn + (not flag)
-        else:
-            fp, tn = fp + flag, tn + (not flag)
+        by_round.setdefault(d["round"], []).append(d)
+    tp = fn = fp = tn = 0
+    for ds in by_round.values():
+        decision = decide(torch.tensor([d["score"] for d in ds]), rule="mad", z_thr=z_thr,
+                          collapse=torch.tensor([d["collapse"] for d in ds]), min_collapse=floor,
+                          max_reject_frac=1.0, min_kept=0, min_clients=0)
+        for d, flag in zip(ds, decision.flagged.tolist()):
+            if d["malicious"]:
+                tp, fn = tp + flag, fn + (not flag)
+            else:
+                fp, tn = fp + flag, tn + (not flag)
     return {"floor": floor, "z_thr": z_thr, "tp": tp, "fn": fn, "fp": fp, "tn": tn,
             "tpr": tp / (tp + fn) if tp + fn else None, "fpr": fp / (fp + tn) if fp + tn else None}
 

@@ -133,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = run_inprocess(overrides)
     metrics = json.loads((out / "metrics.json").read_text())
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     print(f"{'round':>5} {'MA':>6} {'ASR':>6} {'rejected':>8} {'TPR':>5} {'FPR':>5}")
     for r in metrics["rounds"]:
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"{r['round']:>5} {100 * r['ma']:>5.1f}% {100 * r['asr']:>5.1f}% {str(r.get('num_rejected', '-')):>8} "
               f"{fmt(r.get('tpr')):>5} {fmt(r.get('fpr')):>5}")
     print(f"wall {time.perf_counter() - t0:.1f} s; results in {out}")
