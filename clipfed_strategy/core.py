@@ -273,14 +273,27 @@ class CLIPFedDefense:
         teacher_rows = self.src[rows] if self.config.distill_teacher_input == "clean" else rows
         self.student.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         dcfg = dataclasses.replace(self.config.distill, seed=self.config.distill.seed + server_round)
+        self_logits = self._self_logits(self.src[rows]) if dcfg.lambda_self > 0 else None
         stats = self.distiller.distill(self.student, self.x[rows], self.y[rows], self.teacher_logits[teacher_rows],
-                                       self.prototypes(), dcfg)
+                                       self.prototypes(), dcfg, self_logits=self_logits)
         new_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
             log.warning("round %d: distillation produced non-finite weights (loss %s): keeping the aggregated model",
                         server_round, stats.get("total"))
             return dict(state), {**stats, "non_finite": 1.0}
         return new_state, stats
+
+    def _self_logits(self, source_rows: torch.Tensor) -> torch.Tensor:
+        """The aggregated model's (``self.student`` as loaded) logits on the given clean rows, eval mode."""
+        uniq, inverse = torch.unique(source_rows, return_inverse=True)
+        was_training = self.student.training
+        self.student.eval()
+        out = []
+        with torch.no_grad():
+            for b0 in range(0, len(uniq), 512):
+                out.append(self.student(self.x[uniq[b0:b0 + 512]].float()).float())
+        self.student.train(was_training)
+        return torch.cat(out)[inverse]
 
     def _distill_rows(self) -> torch.Tensor:
         which = self.config.distill_data

@@ -5,8 +5,12 @@ synthetic set, whose augmented rows keep their *clean* labels, minimising
 
     L = λ_CE·CE(f_θ(x), y) + λ_KL·T²·KL(softmax(s_T(x_t)/T) ‖ softmax(f_θ(x)/T))
         + λ_PCL·PCL(normalize(h(φ_θ(x))), y, prototypes, τ) + λ_prox·‖θ − θ̄‖²
+        + λ_self·T²·KL(softmax(f_θ̄(x_s)/T) ‖ softmax(f_θ(x)/T))
 
-where s_T(x_t) are the teacher's logits on the row's clean source, φ_θ the penultimate features
+where s_T(x_t) are the teacher's logits on the row's clean source, f_θ̄(x_s) the aggregated model's
+own logits on that clean source (frozen before the first step: the self-anchor keeps what the
+federation learnt on real data while the augmented rows teach invariance to trigger-like
+perturbations; an extension of the reconstruction, off when λ_self = 0), φ_θ the penultimate features
 (:mod:`clipfed_strategy.features`) and h a projection head to the teacher's embedding width that
 lives on the server across rounds (:class:`Distiller`). No target label ever appears, which breaks
 the trigger → target link; the KL term to the clean-source teacher enforces trigger invariance.
@@ -61,6 +65,9 @@ class DistillConfig:
         PCL temperature.
     lambda_ce, lambda_kl, lambda_pcl, lambda_prox : float, defaults 1.0, 2.0, 0.001, 0.0
         Loss weights (PCL and its head are skipped when ``lambda_pcl`` is 0).
+    lambda_self : float, default 0.0
+        Weight of the self-anchor KL towards the aggregated model's own (temperature-T) predictions
+        on each row's clean source; needs ``self_logits`` in :meth:`Distiller.distill`.
     bn : {"frozen", "train"}, default "frozen"
         ``frozen`` keeps BatchNorm layers in eval mode (running statistics from the clients stay).
     trainable : {"all", "head", "last-k"}, default "all"
@@ -86,6 +93,7 @@ class DistillConfig:
     lambda_kl: float = 2.0
     lambda_pcl: float = 0.001
     lambda_prox: float = 0.0
+    lambda_self: float = 0.0
     bn: str = "frozen"
     trainable: str = "all"
     last_k: int = 2
@@ -109,7 +117,7 @@ class DistillConfig:
             (self.T > 0 and self.tau > 0, "distill.T and distill.tau must be > 0"),
             (self.last_k > 0, f"distill.last-k must be > 0, got {self.last_k}"),
             (
-                min(self.lambda_ce, self.lambda_kl, self.lambda_pcl, self.lambda_prox) >= 0,
+                min(self.lambda_ce, self.lambda_kl, self.lambda_pcl, self.lambda_prox, self.lambda_self) >= 0,
                 "distill.lambda-* weights must be >= 0",
             ),
         ]
@@ -215,6 +223,7 @@ class Distiller:
         teacher_logits: Tensor,
         text_prototypes: Tensor | None,
         cfg: DistillConfig | None = None,
+        self_logits: Tensor | None = None,
     ) -> dict[str, float]:
         """Train ``model`` in place towards the teacher; returns mean losses and timing.
 
@@ -233,11 +242,14 @@ class Distiller:
             Class prototypes for PCL; may be ``None`` only when ``cfg.lambda_pcl`` is 0.
         cfg : DistillConfig or None
             ``None`` = ``DistillConfig()``.
+        self_logits : Tensor ``[N, classes]`` or None
+            The aggregated model's logits on each row's clean source (the self-anchor target);
+            required when ``cfg.lambda_self`` > 0.
 
         Returns
         -------
         dict
-            ``ce``, ``kl``, ``pcl``, ``prox``, ``total`` (means over steps), ``steps``,
+            ``ce``, ``kl``, ``pcl``, ``prox``, ``self``, ``total`` (means over steps), ``steps``,
             ``samples``, ``seconds``.
         """
         cfg = cfg or DistillConfig()
@@ -249,6 +261,12 @@ class Distiller:
             )
         if cfg.bn == "train" and n < 2:
             raise ValueError('distill.bn="train" needs at least 2 rows (BatchNorm batch statistics)')
+        use_self = cfg.lambda_self > 0
+        if use_self and (self_logits is None or self_logits.shape != teacher_logits.shape):
+            raise ValueError(
+                "self_logits of the same shape as teacher_logits are required when lambda_self > 0, got "
+                f"{None if self_logits is None else tuple(self_logits.shape)}"
+            )
         use_pcl = cfg.lambda_pcl > 0
         if use_pcl and text_prototypes is None:
             raise ValueError("text_prototypes are required when lambda_pcl > 0")
@@ -284,7 +302,7 @@ class Distiller:
         batches_per_pass = math.ceil(n / cfg.batch_size)
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_pass
         gen = torch.Generator().manual_seed(cfg.seed)
-        sums = {"ce": 0.0, "kl": 0.0, "pcl": 0.0, "prox": 0.0, "total": 0.0}
+        sums = {"ce": 0.0, "kl": 0.0, "pcl": 0.0, "prox": 0.0, "self": 0.0, "total": 0.0}
         steps = 0
         model.train()
         if cfg.bn == "frozen":
@@ -315,6 +333,11 @@ class Distiller:
                                 if use_pcl
                                 else logits.new_zeros((), dtype=torch.float32)
                             )
+                            anchor_kl = (
+                                kd_kl_loss(logits, self_logits[idx].to(device, non_blocking=True).float(), cfg.T)
+                                if use_self
+                                else logits.new_zeros((), dtype=torch.float32)
+                            )
                         prox = (
                             sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchor))
                             if anchor
@@ -325,12 +348,13 @@ class Distiller:
                             + cfg.lambda_kl * kl
                             + cfg.lambda_pcl * pcl
                             + cfg.lambda_prox * prox
+                            + cfg.lambda_self * anchor_kl
                         )
                         optimizer.zero_grad(set_to_none=True)
                         scaler.scale(loss).backward()
                         scaler.step(optimizer)
                         scaler.update()
-                        terms = {"ce": ce, "kl": kl, "pcl": pcl, "prox": prox, "total": loss}
+                        terms = {"ce": ce, "kl": kl, "pcl": pcl, "prox": prox, "self": anchor_kl, "total": loss}
                         for key, value in terms.items():
                             sums[key] += float(value.detach())
                         steps += 1
@@ -346,7 +370,7 @@ class Distiller:
         stats = {k: v / max(steps, 1) for k, v in sums.items()}
         stats.update(steps=steps, samples=n, seconds=time.perf_counter() - start)
         logger.info(
-            "distillation: %d steps on %d rows in %.1fs, loss %.3f (ce %.3f, kl %.3f, pcl %.3f, prox %.3g)",
+            "distillation: %d steps on %d rows in %.1fs, loss %.3f (ce %.3f, kl %.3f, pcl %.3f, prox %.3g, self %.3f)",
             steps,
             n,
             stats["seconds"],
@@ -355,6 +379,7 @@ class Distiller:
             stats["kl"],
             stats["pcl"],
             stats["prox"],
+            stats["self"],
         )
         return stats
 

@@ -98,6 +98,32 @@ class ServerDataset:
             out[cname] = row
         return out
 
+    def subset(self, per_class: int, seed: int = 0) -> "ServerDataset":
+        """At most ``per_class`` clean images per class (drawn with ``seed``) and all their variants.
+
+        Screening costs K forward passes over the rows and distillation an epoch over them, so this
+        is the knob that trades server time against coverage (run-config ``sds-max-per-class``).
+        The provenance records the subset; the content hash is that of the subset's arrays.
+        """
+        if per_class <= 0:
+            raise ServerDatasetError(f"per_class must be > 0, got {per_class}")
+        rng = np.random.default_rng(seed)
+        clean = np.flatnonzero(self.variants == 0)
+        chosen = []
+        for c in range(len(self.class_names)):
+            rows = clean[self.labels[clean] == c]
+            if len(rows) > per_class:
+                rows = np.sort(rng.choice(rows, per_class, replace=False))
+            chosen.append(rows)
+        keep_src = np.zeros(len(self), dtype=bool)
+        keep_src[np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)] = True
+        keep = keep_src[self.source_index]  # clean rows are their own source
+        new_index = np.full(len(self), -1, dtype=np.int64)
+        new_index[keep] = np.arange(int(keep.sum()))
+        meta = {**self.meta, "subset": {"per_class": int(per_class), "seed": int(seed), "of": len(self)}}
+        return ServerDataset(self.images[keep], self.labels[keep], self.variants[keep],
+                             new_index[self.source_index[keep]], list(self.class_names), list(self.variant_names), meta)
+
     def to_tensors(self, device="cpu"):
         """``(x float NCHW in [0,1], labels, variants, source_index)`` as torch tensors on ``device``."""
         import torch

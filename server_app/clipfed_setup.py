@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "sds-generator": "teacher-inversion",
     "sds-images-per-class": 100,
     "sds-min-conf": 0.5,
+    "sds-max-per-class": 0,
     "faug-ops": "hf-noise,lf-blend,patch-tl,patch-tr,patch-bl,patch-br,patch-center",
     "faug-copies": 1,
     "clipfed-inner": "fedavg",
@@ -100,7 +101,20 @@ def teacher_spec(cfg: RunConfig, data: TaskData, split: Split) -> TeacherSpec:
 
 
 def server_dataset(cfg: RunConfig, data: TaskData, teacher) -> ServerDataset:
-    """Load ``sds-path``, or build the server dataset data-free with the teacher (cached)."""
+    """Load ``sds-path``, or build the server dataset data-free with the teacher (cached); then keep at
+    most ``sds-max-per-class`` clean images per class (and their variants) when that key is > 0."""
+    sds = _full_server_dataset(cfg, data, teacher)
+    per_class = int(_get(cfg, "sds-max-per-class"))
+    if per_class < 0:
+        raise ConfigError(f"run-config key 'sds-max-per-class' must be >= 0 (0 = all), got {per_class}")
+    if per_class:
+        full = len(sds)
+        sds = sds.subset(per_class, seed=cfg.seed)
+        log.info("server dataset: using %d of %d rows (sds-max-per-class=%d)", len(sds), full, per_class)
+    return sds
+
+
+def _full_server_dataset(cfg: RunConfig, data: TaskData, teacher) -> ServerDataset:
     path = str(_get(cfg, "sds-path"))
     if path:
         sds = ServerDataset.load(path)

@@ -64,7 +64,7 @@ def _check_round(r, k, rows=20):
     assert r["cell"]["k"] == k and r["rows"] == rows
     s = r["seconds"]
     for name in ("round", "round_validate", "round_screen", "round_aggregate", "round_distill", "fedavg",
-                 "screen_looped", "screen_vmap", "floor", "floor_cl"):
+                 "screen_batched", "screen_looped", "screen_vmap", "floor", "floor_cl"):
         assert s[name] > 0 and math.isfinite(s[name]), name
     # the round's phases are parts of the round's wall time
     phases = s["round_validate"] + s["round_screen"] + s["round_aggregate"] + s["round_distill"]
@@ -72,7 +72,7 @@ def _check_round(r, k, rows=20):
     assert len(r["samples"]["floor"]) == r["cell"]["repeats"]
     q = r["ratios"]
     assert math.isclose(q["round_over_fedavg"], s["round"] / s["fedavg"])
-    assert math.isclose(q["batched_over_looped"], s["round_screen"] / s["screen_looped"])
+    assert math.isclose(q["batched_over_looped"], s["screen_batched"] / s["screen_looped"])
     assert math.isclose(q["vmap_over_looped"], s["screen_vmap"] / s["screen_looped"])
     assert math.isclose(q["screen_over_floor"], s["round_screen"] / s["floor"])
     assert math.isclose(q["screen_over_floor_cl"], s["round_screen"] / s["floor_cl"])

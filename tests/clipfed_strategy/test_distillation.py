@@ -1,6 +1,7 @@
 """Server-side distillation: it removes a BadNets backdoor on digits and honours its settings."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -141,6 +142,39 @@ def test_pcl_only_aligns_features_with_prototypes_and_head_persists():
         Distiller(16, head="linear").load_state_dict(state)
     with pytest.raises(DistillConfigError, match="embed_dim"):
         Distiller(8, head="mlp").load_state_dict(state)
+
+
+def test_self_anchor_alone_removes_backdoor_without_a_teacher(backdoored):
+    """λ_self only, teacher logits uninformative (all zero): the model is pulled towards its own
+    predictions on each row's clean source, so the patched copies lose the trigger → target link
+    and clean accuracy stays — trigger invariance that does not depend on the teacher's quality."""
+    pb, x, y, _ = backdoored
+    model = copy.deepcopy(pb.clients[0])
+    acc0 = P.accuracy(model, pb.x_test, pb.y_test)
+    asr0 = P.attack_success(model, pb.x_test, pb.y_test)
+    rows = pb.aug_variant == 1
+    source = torch.cat([torch.arange(len(pb.x_server)), pb.aug_source[rows]])
+    with torch.no_grad():
+        own = model.eval()(pb.x_server)[source]
+    cfg = DistillConfig(epochs=6, lambda_ce=0.0, lambda_kl=0.0, lambda_pcl=0.0, lambda_self=2.0)
+    stats = Distiller(16).distill(model, x, y, torch.zeros_like(own), None, cfg, self_logits=own)
+    acc1 = P.accuracy(model, pb.x_test, pb.y_test)
+    asr1 = P.attack_success(model, pb.x_test, pb.y_test)
+    assert asr0 >= 0.5
+    assert asr1 <= asr0 / 2, (asr0, asr1)
+    assert acc1 >= acc0 - 0.04, (acc0, acc1)
+    assert stats["self"] > 0 and math.isclose(stats["total"], 2.0 * stats["self"], rel_tol=1e-4)  # only λ_self counts
+
+
+def test_self_anchor_needs_self_logits():
+    x, y, t = _small_data()
+    with pytest.raises(ValueError, match="self_logits"):
+        Distiller(16).distill(P.make_cnn(), x, y, t, None, DistillConfig(steps=1, lambda_pcl=0, lambda_self=1.0))
+    with pytest.raises(ValueError, match="self_logits"):
+        Distiller(16).distill(P.make_cnn(), x, y, t, None, DistillConfig(steps=1, lambda_pcl=0, lambda_self=1.0),
+                              self_logits=t[:, :5])
+    with pytest.raises(DistillConfigError, match="lambda"):
+        DistillConfig(lambda_self=-1.0)
 
 
 def test_config_and_input_validation():

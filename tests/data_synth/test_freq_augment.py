@@ -136,6 +136,28 @@ def test_augment_dataset_round_trips(tmp_path, digits):
     assert back.meta["faug"]["ops"] == ["hf-noise", "lf-blend"]
 
 
+def test_subset_keeps_per_class_clean_rows_and_all_their_variants(digits):
+    images, labels = digits[0][:60], digits[1][:60]
+    clean = ServerDataset(images, labels, np.zeros(60), np.arange(60), [str(i) for i in range(10)])
+    ds = augment_dataset(clean, "hf-noise,lf-blend", copies=1, seed=0)
+    sub = ds.subset(2, seed=3)
+    counts = np.bincount(sub.labels[sub.variants == 0], minlength=10)
+    full = np.bincount(labels, minlength=10)
+    assert np.array_equal(counts, np.minimum(full, 2))
+    assert len(sub) == 3 * counts.sum()  # every kept clean row with both of its variants
+    assert np.all(sub.variants[sub.source_index] == 0)
+    assert np.array_equal(sub.labels, sub.labels[sub.source_index])
+    # each variant row still points at the very image it was made from
+    for i in np.flatnonzero(sub.variants != 0):
+        j = np.flatnonzero((ds.images == sub.images[i]).all(axis=(1, 2, 3)))[0]
+        assert np.array_equal(ds.images[ds.source_index[j]], sub.images[sub.source_index[i]])
+    assert sub.meta["subset"] == {"per_class": 2, "seed": 3, "of": len(ds)}
+    assert np.array_equal(ds.subset(2, seed=3).images, sub.images)  # deterministic
+    assert len(ds.subset(100)) == len(ds)
+    with pytest.raises(ValueError, match="per_class"):
+        ds.subset(0)
+
+
 def test_config_from_run_config_strings():
     cfg = FreqAugConfig.from_mapping({"eps-max": "0.2", "patch_max": "4", "patch-patterns": "binary,solid", "patch-min": "auto"})
     assert cfg.eps_max == 0.2 and cfg.patch_max == 4 and cfg.patch_min is None
