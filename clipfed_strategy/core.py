@@ -28,7 +28,7 @@ from clipfed_strategy.batched_eval import (
     stack_states,
 )
 from clipfed_strategy.config import CLIPFedConfig
-from clipfed_strategy.distillation import Distiller
+from clipfed_strategy.distillation import Distiller, own_logits
 from clipfed_strategy.screening import behaviour_scores, screen
 from clipfed_strategy.server_dataset import ServerDataset
 from clipfed_strategy.validation import update_norm, validate_replies
@@ -273,7 +273,7 @@ class CLIPFedDefense:
         teacher_rows = self.src[rows] if self.config.distill_teacher_input == "clean" else rows
         self.student.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         dcfg = dataclasses.replace(self.config.distill, seed=self.config.distill.seed + server_round)
-        self_logits = self._self_logits(self.src[rows]) if dcfg.lambda_self > 0 else None
+        self_logits = own_logits(self.student, self.x, self.src[rows]) if dcfg.lambda_self > 0 else None
         stats = self.distiller.distill(self.student, self.x[rows], self.y[rows], self.teacher_logits[teacher_rows],
                                        self.prototypes(), dcfg, self_logits=self_logits)
         new_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
@@ -282,18 +282,6 @@ class CLIPFedDefense:
                         server_round, stats.get("total"))
             return dict(state), {**stats, "non_finite": 1.0}
         return new_state, stats
-
-    def _self_logits(self, source_rows: torch.Tensor) -> torch.Tensor:
-        """The aggregated model's (``self.student`` as loaded) logits on the given clean rows, eval mode."""
-        uniq, inverse = torch.unique(source_rows, return_inverse=True)
-        was_training = self.student.training
-        self.student.eval()
-        out = []
-        with torch.no_grad():
-            for b0 in range(0, len(uniq), 512):
-                out.append(self.student(self.x[uniq[b0:b0 + 512]].float()).float())
-        self.student.train(was_training)
-        return torch.cat(out)[inverse]
 
     def _distill_rows(self) -> torch.Tensor:
         which = self.config.distill_data

@@ -199,18 +199,23 @@ def test_distill_feeds_the_configured_rows_and_teacher_targets(small_server_set,
     d.teacher_logits = torch.arange(len(sds), dtype=torch.float32)[:, None].repeat(1, 10)  # row id as logit
     seen = {}
 
-    def fake(model, x, labels, teacher_logits, protos, cfg):
-        seen.update(x=x, labels=labels, teacher=teacher_logits, protos=protos, seed=cfg.seed)
+    def fake(model, x, labels, teacher_logits, protos, cfg, self_logits=None):
+        seen.update(x=x, labels=labels, teacher=teacher_logits, protos=protos, seed=cfg.seed, own=self_logits)
         return {"steps": 0}
 
     monkeypatch.setattr(d.distiller, "distill", fake)
-    d.distill(4, {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(0)).items()})
+    aggregated = H.tiny_net(0)
+    d.distill(4, {k: torch.from_numpy(v) for k, v in np_state(aggregated).items()})
     rows = {"clean+aug": np.arange(len(sds)), "clean": np.flatnonzero(sds.variants == 0),
             "aug": np.flatnonzero(sds.variants > 0)}[data]
     assert torch.equal(seen["x"], d.x[rows]) and seen["labels"].tolist() == sds.labels[rows].tolist()
     teacher_rows = sds.source_index[rows] if teacher_input == "clean" else rows
     assert seen["teacher"][:, 0].long().tolist() == teacher_rows.tolist()
     assert seen["seed"] == d.config.distill.seed + 4  # a fresh shuffle every round, reproducible
+    # the self-anchor: the aggregated model's own logits on each row's clean source
+    with torch.no_grad():
+        own = aggregated.eval()(d.x[torch.from_numpy(sds.source_index[rows])].float())
+    assert torch.allclose(seen["own"], own, atol=1e-5)
 
 
 def test_prototype_kinds(small_server_set):

@@ -47,11 +47,13 @@ def _params(model):
 
 
 def test_distillation_removes_backdoor_keeps_accuracy(backdoored):
+    """The reconstruction's teacher-only losses (CE + KL + PCL) with a knowledgeable teacher."""
     pb, x, y, teacher = backdoored
     model = copy.deepcopy(pb.clients[0])
     acc0 = P.accuracy(model, pb.x_test, pb.y_test)
     asr0 = P.attack_success(model, pb.x_test, pb.y_test)
-    stats = Distiller(16).distill(model, x, y, teacher, PROTOS, DistillConfig(epochs=6))
+    stats = Distiller(16).distill(model, x, y, teacher, PROTOS, DistillConfig(epochs=6, lambda_ce=1.0, lambda_kl=2.0,
+                                                                             lambda_self=0.0))
     acc1 = P.accuracy(model, pb.x_test, pb.y_test)
     asr1 = P.attack_success(model, pb.x_test, pb.y_test)
     assert asr0 >= 0.5
@@ -69,7 +71,7 @@ def test_deterministic_given_seed():
     runs = []
     for seed in (0, 0, 1):
         model = copy.deepcopy(base)
-        Distiller(16, seed=5).distill(model, x, y, t, PROTOS, DistillConfig(steps=4, batch_size=16, seed=seed))
+        Distiller(16, seed=5).distill(model, x, y, t, PROTOS, DistillConfig(lambda_self=0.0, steps=4, batch_size=16, seed=seed))
         runs.append(_params(model))
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
@@ -79,10 +81,10 @@ def test_bn_frozen_keeps_running_stats_and_train_updates_them():
     x, y, t = _small_data()
     model = P.make_cnn()
     mean0 = model[1].running_mean.clone()
-    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=3, batch_size=16))
+    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(lambda_self=0.0, steps=3, batch_size=16))
     assert torch.equal(model[1].running_mean, mean0)
     assert not torch.equal(model[0].weight, P.make_cnn()[0].weight)  # it did train
-    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=3, batch_size=16, bn="train"))
+    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(lambda_self=0.0, steps=3, batch_size=16, bn="train"))
     assert not torch.equal(model[1].running_mean, mean0)
 
 
@@ -91,14 +93,14 @@ def test_trainable_head_and_last_k_and_flags_restored():
     model = P.make_cnn()
     model[0].weight.requires_grad_(False)  # a user's own freeze must survive
     before = _params(model)
-    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=3, batch_size=16, trainable="head"))
+    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(lambda_self=0.0, steps=3, batch_size=16, trainable="head"))
     after = _params(model)
     names = [n for n, _ in model.named_parameters()]
     changed = {n for n, a, b in zip(names, before, after) if not torch.equal(a, b)}
     assert changed == {"9.weight", "9.bias"}
     assert [p.requires_grad for p in model.parameters()] == [n != "0.weight" for n in names]
     before = _params(model)
-    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=3, batch_size=16, trainable="last-k", last_k=2))
+    Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(lambda_self=0.0, steps=3, batch_size=16, trainable="last-k", last_k=2))
     changed = {n for n, a, b in zip(names, before, _params(model)) if not torch.equal(a, b)}
     assert changed == {"7.weight", "7.bias", "9.weight", "9.bias"}
 
@@ -110,7 +112,7 @@ def test_prox_term_keeps_model_closer():
     for lam in (0.0, 50.0):
         model = copy.deepcopy(base)
         stats = Distiller(16).distill(
-            model, x, y, t, PROTOS, DistillConfig(steps=6, batch_size=16, lr=0.02, lambda_prox=lam, weight_decay=0)
+            model, x, y, t, PROTOS, DistillConfig(lambda_self=0.0, steps=6, batch_size=16, lr=0.02, lambda_prox=lam, weight_decay=0)
         )
         dist[lam] = sum(float(((a - b) ** 2).sum()) for a, b in zip(_params(model), _params(base)))
         assert (stats["prox"] > 0) == (lam > 0)
@@ -121,7 +123,7 @@ def test_pcl_only_aligns_features_with_prototypes_and_head_persists():
     x, y, t = _small_data(128)
     model = P.make_cnn()
     distiller = Distiller(16, head="mlp", hidden_dim=32)
-    cfg = DistillConfig(steps=60, batch_size=32, lambda_ce=0, lambda_kl=0, lambda_pcl=1.0, optimizer="adam", lr=1e-3, weight_decay=0)
+    cfg = DistillConfig(lambda_self=0.0, steps=60, batch_size=32, lambda_ce=0, lambda_kl=0, lambda_pcl=1.0, optimizer="adam", lr=1e-3, weight_decay=0)
 
     def pcl_now():
         from clipfed_strategy.features import PenultimateExtractor
@@ -166,13 +168,35 @@ def test_self_anchor_alone_removes_backdoor_without_a_teacher(backdoored):
     assert stats["self"] > 0 and math.isclose(stats["total"], 2.0 * stats["self"], rel_tol=1e-4)  # only λ_self counts
 
 
+def test_defaults_with_source_index_remove_backdoor_with_a_weak_teacher(backdoored):
+    """Default losses (self-anchor + a little KL + PCL), anchor computed inside from ``source_index``;
+    the teacher is right on only 40 % of the rows and uniform elsewhere, and accuracy still holds."""
+    pb, x, y, _ = backdoored
+    rows = pb.aug_variant == 1
+    source = torch.cat([torch.arange(len(pb.x_server)), pb.aug_source[rows]])  # indexes x's clean rows
+    right = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) < 0.4
+    weak = torch.where(right[:, None], 5.0 * F.one_hot(y, 10).float(), torch.zeros(len(y), 10))
+    model = copy.deepcopy(pb.clients[0])
+    acc0 = P.accuracy(model, pb.x_test, pb.y_test)
+    asr0 = P.attack_success(model, pb.x_test, pb.y_test)
+    stats = Distiller(16).distill(model, x, y, weak, PROTOS, DistillConfig(epochs=6), source_index=source)
+    acc1 = P.accuracy(model, pb.x_test, pb.y_test)
+    asr1 = P.attack_success(model, pb.x_test, pb.y_test)
+    assert asr0 >= 0.5 and asr1 <= asr0 / 2, (asr0, asr1)
+    assert acc1 >= acc0 - 0.04, (acc0, acc1)
+    assert stats["self"] > 0
+
+
 def test_self_anchor_needs_self_logits():
     x, y, t = _small_data()
-    with pytest.raises(ValueError, match="self_logits"):
+    with pytest.raises(ValueError, match="self_logits or source_index"):
         Distiller(16).distill(P.make_cnn(), x, y, t, None, DistillConfig(steps=1, lambda_pcl=0, lambda_self=1.0))
     with pytest.raises(ValueError, match="self_logits"):
         Distiller(16).distill(P.make_cnn(), x, y, t, None, DistillConfig(steps=1, lambda_pcl=0, lambda_self=1.0),
                               self_logits=t[:, :5])
+    with pytest.raises(ValueError, match="source_index must have shape"):
+        Distiller(16).distill(P.make_cnn(), x, y, t, None, DistillConfig(steps=1, lambda_pcl=0, lambda_self=1.0),
+                              source_index=torch.arange(5))
     with pytest.raises(DistillConfigError, match="lambda"):
         DistillConfig(lambda_self=-1.0)
 
@@ -187,13 +211,14 @@ def test_config_and_input_validation():
     x, y, t = _small_data()
     with pytest.raises(ValueError, match="same number of rows"):
         Distiller(16).distill(P.make_cnn(), x, y[:5], t, PROTOS)
+    src = torch.arange(len(x))
     with pytest.raises(ValueError, match="text_prototypes"):
-        Distiller(16).distill(P.make_cnn(), x, y, t, None)
+        Distiller(16).distill(P.make_cnn(), x, y, t, None, source_index=src)
     with pytest.raises(ValueError, match="text_prototypes must be"):
-        Distiller(16).distill(P.make_cnn(), x, y, t, PROTOS[:, :8])
+        Distiller(16).distill(P.make_cnn(), x, y, t, PROTOS[:, :8], source_index=src)
     # without PCL no prototypes and no head are needed
     distiller = Distiller(16)
-    stats = distiller.distill(P.make_cnn(), x, y, t, None, DistillConfig(steps=2, lambda_pcl=0))
+    stats = distiller.distill(P.make_cnn(), x, y, t, None, DistillConfig(lambda_self=0.0, steps=2, lambda_pcl=0))
     assert stats["pcl"] == 0 and distiller.state_dict() == {}
 
 
@@ -201,7 +226,7 @@ def test_named_feature_module_head():
     x, y, t = _small_data()
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.ReLU(), nn.Linear(20, 10))
     distiller = Distiller(16, feature_module="2")
-    distiller.distill(model, x, y, t, PROTOS, DistillConfig(steps=2, batch_size=16))
+    distiller.distill(model, x, y, t, PROTOS, DistillConfig(lambda_self=0.0, steps=2, batch_size=16))
     assert distiller.state_dict()["0.weight"].shape == (16, 20)
 
 
@@ -210,7 +235,7 @@ def test_amp_on_cuda_trains_fp32_model():
     x, y, t = _small_data()
     model = P.make_cnn().cuda()
     before = _params(model)
-    stats = Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(steps=5, batch_size=16, amp=True))
+    stats = Distiller(16).distill(model, x, y, t, PROTOS, DistillConfig(lambda_self=0.0, steps=5, batch_size=16, amp=True))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(torch.tensor(stats[k])) for k in ("ce", "kl", "pcl", "total"))
     assert not all(torch.equal(a, b) for a, b in zip(before, _params(model)))
