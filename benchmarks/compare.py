@@ -4,7 +4,7 @@ Usage::
 
     python -m benchmarks.compare --grid benchmarks/grids/cpu.toml [--out benchmarks/results/cpu]
         [--jobs 1] [--threads N] [--only defense=clipfed,flame] [--only alpha=0.5]
-        [--dry-run] [--table-only] [--cell-timeout SECONDS]
+        [--dry-run] [--table-only] [--cell-timeout SECONDS] [--retries 1]
 
 What runs
     Every cell is one federation run through :func:`server_app.inprocess.run_inprocess`: the
@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -238,6 +239,10 @@ def run_cell(spec: dict[str, Any]) -> None:
     """Body of a cell subprocess: one federation through the real ServerApp/ClientApp code."""
     import torch
 
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the runner asks for stacks before killing a hung cell
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     client_log = logging.getLogger("client_app")  # the ServerApp configures its own loggers; flwr has its own
@@ -265,12 +270,17 @@ def launch(out: Path, cell: Cell, threads: int, keep_checkpoints: bool, timeout:
     with open(log_path, "a") as logf:
         logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} cell {cell.name}: {json.dumps(overrides)}\n")
         logf.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.compare", "--cell", json.dumps(spec)],
+                                cwd=PROJECT_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--cell", json.dumps(spec)],
-                                  cwd=PROJECT_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
-            rc = proc.returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
+            proc.send_signal(signal.SIGUSR1)  # every thread's stack into the cell's log, then kill
+            time.sleep(2)
+            proc.kill()
+            proc.wait()
+            logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} cell {cell.name}: killed after {timeout:.0f}s\n")
     seconds = time.perf_counter() - t0
     status = cell_status(out, cell)
     ok = rc == 0 and status == "completed"
@@ -279,8 +289,11 @@ def launch(out: Path, cell: Cell, threads: int, keep_checkpoints: bool, timeout:
 
 
 def run_grid(out: Path, cells: list[Cell], jobs: int = 1, threads: int | None = None, keep_checkpoints: bool = False,
-             timeout: float | None = None) -> list[dict[str, Any]]:
-    """Run every cell that is not completed yet, ``jobs`` at a time; returns one record per cell."""
+             timeout: float | None = None, retries: int = 1) -> list[dict[str, Any]]:
+    """Run every cell that is not completed yet, ``jobs`` at a time; returns one record per cell.
+
+    A cell that runs past ``timeout`` seconds has its stacks dumped into its log, is killed, and is
+    relaunched up to ``retries`` times; it resumes from its last round checkpoint."""
     threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
     records: list[dict[str, Any]] = []
     todo = []
@@ -303,6 +316,12 @@ def run_grid(out: Path, cells: list[Cell], jobs: int = 1, threads: int | None = 
     def one(cell: Cell) -> dict[str, Any]:
         log.info("start %s", cell.name)
         rec = launch(out, cell, threads, keep_checkpoints, timeout)
+        for attempt in range(retries):
+            if rec["returncode"] != "timeout":
+                break
+            log.warning("%s timed out after %.0fs: resuming it from its last round checkpoint (retry %d of %d)",
+                        cell.name, rec["seconds"], attempt + 1, retries)
+            rec = launch(out, cell, threads, keep_checkpoints, timeout)
         summary = summarize_run(read_metrics(cell_dir(out, cell) / "metrics.json") or {})
         if rec["status"] == "completed":
             log.info("done  %s in %.0fs: MA %s ASR %s", cell.name, rec["seconds"], _pct(summary.get("ma")),
@@ -545,7 +564,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per cell (default: cores // jobs)")
     p.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
                    help="run only the cells with these values (repeatable); the table still covers the whole grid")
-    p.add_argument("--cell-timeout", type=float, default=None, help="seconds before a cell is killed (default: none)")
+    p.add_argument("--cell-timeout", type=float, default=None,
+                   help="seconds before a cell is killed, its stacks dumped to its log (default: none)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="relaunches of a timed-out cell, each resuming from its last round (default 1)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their status, run nothing")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from finished cells, run nothing")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: body of a cell subprocess
@@ -583,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         try:
             records = run_grid(out, chosen, args.jobs, args.threads or None, grid.options["keep-checkpoints"],
-                               args.cell_timeout)
+                               args.cell_timeout, args.retries)
         except GridError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -100,7 +100,7 @@ def test_grid_cells_add_the_clean_baseline_and_filter(tmp_path):
                                        'attack = ["badnets", "blend"]\nalpha = [0.5, 0.1]\nseed = [0, 1]\n'))
     names = [c.name for c in g.cells()]
     assert len(names) == 4 + 2 * 2 * 2 * 2 and len(set(names)) == len(names)
-    assert names[0] == "fedavg_none_a0.5_s0"
+    assert names[0] == "fedavg_none"
     assert "flame_blend_a0.1_s1" in names
     only = select(g.cells(), ["defense=flame", "alpha=0.1"])
     assert sorted(c.name for c in only) == ["flame_badnets_a0.1_s0", "flame_badnets_a0.1_s1",
@@ -184,7 +184,7 @@ def test_cell_status_reads_metrics_json(tmp_path):
 def test_smoke_grid_runs_writes_the_table_and_skips_finished_cells(tmp_path):
     out = tmp_path / "out"
     assert main(["--grid", str(GRIDS / "smoke.toml"), "--out", str(out)]) == 0
-    cells = ["fedavg_none_a0.5_s0", "fedavg_badnets_a0.5_s0", "flame_badnets_a0.5_s0"]
+    cells = ["fedavg_none", "fedavg_badnets_a0.5_s0", "flame_badnets_a0.5_s0"]
     for name in cells:
         doc = json.loads((out / "cells" / name / "metrics.json").read_text())
         assert doc["status"] == "completed" and len(doc["rounds"]) == 3  # round 0 + 2 rounds
@@ -210,3 +210,21 @@ def test_smoke_grid_runs_writes_the_table_and_skips_finished_cells(tmp_path):
     assert summary["wall_seconds"] < 30
     assert {n: (out / "cells" / n / "metrics.json").stat().st_mtime_ns for n in cells} == mtimes
     assert (out / "table.md").read_text().splitlines() == md
+
+
+def test_a_cell_past_its_timeout_is_dumped_killed_and_resumed_from_its_checkpoint(tmp_path):
+    """``--cell-timeout``: the hung (here: merely long) cell's stacks land in its log, it is killed and
+    relaunched once (``--retries 1``), the relaunch resumes from the last round checkpoint, and the
+    grid reports the cell as failed instead of waiting for ever."""
+    grid = write_grid(tmp_path, '[base]\ndataset = "digits"\nmodel = "cnn"\nnum-clients = 3\n'
+                                'num-server-rounds = 400\nlocal-epochs = 1\nmax-train-per-client = 40\n'
+                                'heldout-size = 100\n[grid]\ndefense = ["fedavg"]\nattack = ["none"]\n')
+    out = tmp_path / "out"
+    assert main(["--grid", str(grid), "--out", str(out), "--cell-timeout", "15", "--retries", "1"]) == 1
+    log_text = (out / "logs" / "fedavg_none.log").read_text()
+    assert log_text.count(" cell fedavg_none: {") == 2  # launched, then relaunched
+    assert log_text.count("killed after 15s") == 2
+    assert "Thread 0x" in log_text or "Current thread" in log_text  # faulthandler's stack dump
+    assert "resuming from" in log_text  # the relaunch picked up the checkpoint
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells_failed"] == ["fedavg_none"]
