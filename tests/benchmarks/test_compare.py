@@ -100,7 +100,7 @@ def test_grid_cells_add_the_clean_baseline_and_filter(tmp_path):
                                        'attack = ["badnets", "blend"]\nalpha = [0.5, 0.1]\nseed = [0, 1]\n'))
     names = [c.name for c in g.cells()]
     assert len(names) == 4 + 2 * 2 * 2 * 2 and len(set(names)) == len(names)
-    assert names[0] == "fedavg_none"
+    assert names[0] == "fedavg_none_a0.5_s0"
     assert "flame_blend_a0.1_s1" in names
     only = select(g.cells(), ["defense=flame", "alpha=0.1"])
     assert sorted(c.name for c in only) == ["flame_badnets_a0.1_s0", "flame_badnets_a0.1_s1",
@@ -184,7 +184,7 @@ def test_cell_status_reads_metrics_json(tmp_path):
 def test_smoke_grid_runs_writes_the_table_and_skips_finished_cells(tmp_path):
     out = tmp_path / "out"
     assert main(["--grid", str(GRIDS / "smoke.toml"), "--out", str(out)]) == 0
-    cells = ["fedavg_none", "fedavg_badnets_a0.5_s0", "flame_badnets_a0.5_s0"]
+    cells = ["fedavg_none_a0.5_s0", "fedavg_badnets_a0.5_s0", "flame_badnets_a0.5_s0"]
     for name in cells:
         doc = json.loads((out / "cells" / name / "metrics.json").read_text())
         assert doc["status"] == "completed" and len(doc["rounds"]) == 3  # round 0 + 2 rounds
