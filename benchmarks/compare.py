@@ -330,7 +330,8 @@ def run_grid(out: Path, cells: list[Cell], jobs: int = 1, threads: int | None = 
             log.error("FAILED %s (exit %s) after %.0fs: see %s", cell.name, rec["returncode"], rec["seconds"], rec["log"])
         return rec
 
-    first = teacher_builders(todo) if jobs > 1 else []
+    completed = [c for c in cells if c not in todo]
+    first = teacher_builders(todo, built=completed) if jobs > 1 else []
     if first:
         log.info("running %s alone first: it builds the cached teacher and server dataset the others reuse",
                  ", ".join(c.name for c in first))
@@ -345,16 +346,23 @@ TEACHER_CACHE_KEYS = ("dataset", "dataset-path", "heldout-size", "cache-dir", "c
                       "clip-pretrained", "sds-path", "sds-generator", "sds-images-per-class")
 
 
-def teacher_builders(cells: list[Cell]) -> list[Cell]:
+def _teacher_key(cell: Cell) -> tuple:
+    return tuple(repr(cell.overrides.get(k)) for k in TEACHER_CACHE_KEYS)
+
+
+def teacher_builders(cells: list[Cell], built: Iterable[Cell] = ()) -> list[Cell]:
     """One cell per distinct teacher/server-dataset setting among the cells that need them.
 
     Run alone before the rest when cells run in parallel, so two cells never train the same
-    cached stand-in teacher or synthesise the same server dataset at the same time.
+    cached stand-in teacher or synthesise the same server dataset at the same time. Settings of
+    which a ``built`` cell (one that has completed) needed the teacher are cached already: skipped.
     """
+    done = {_teacher_key(c) for c in built if c.overrides.get("defense") in TEACHER_DEFENSES}
     seen: dict[tuple, Cell] = {}
     for cell in cells:
-        if cell.overrides.get("defense") in TEACHER_DEFENSES:
-            seen.setdefault(tuple(repr(cell.overrides.get(k)) for k in TEACHER_CACHE_KEYS), cell)
+        key = _teacher_key(cell)
+        if cell.overrides.get("defense") in TEACHER_DEFENSES and key not in done:
+            seen.setdefault(key, cell)
     return list(seen.values())
 
 

@@ -161,6 +161,9 @@ def test_parallel_runs_build_each_cached_teacher_once_first(tmp_path):
                                        'heldout-size = [100, 200]\nseed = [0, 1]\n'))
     assert [c.name for c in teacher_builders(g.cells())] == ["fltrust_badnets_heldout-size-100_s0",
                                                              "fltrust_badnets_heldout-size-200_s0"]
+    # on resume, a setting whose teacher a completed cell already built (and cached) runs in parallel
+    done = [c for c in g.cells() if c.name == "clipfed_badnets_heldout-size-100_s1"]
+    assert [c.name for c in teacher_builders(g.cells(), built=done)] == ["fltrust_badnets_heldout-size-200_s0"]
 
 
 def test_cell_status_reads_metrics_json(tmp_path):
