@@ -58,8 +58,8 @@ def test_table_rows_pool_seeds_and_compare_with_clean_fedavg(tmp_path):
     docs = [
         fake_run("fedavg", "none", 0, ma=0.90, asr=0.05), fake_run("fedavg", "none", 1, ma=0.80, asr=0.15),
         fake_run("fedavg", "none", 0, ma=0.50, asr=0.0, alpha=0.1),
-        fake_run("clipfed", "badnets", 0, ma=0.80, asr=0.10, teacher="stand-in teacher (not CLIP)"),
-        fake_run("clipfed", "badnets", 1, ma=0.70, asr=0.30, teacher="stand-in teacher (not CLIP)"),
+        fake_run("clipfed", "badnets", 0, ma=0.80, asr=0.10, teacher="open_clip:standin:/x/standin.pt (stand-in teacher, not CLIP)"),
+        fake_run("clipfed", "badnets", 1, ma=0.70, asr=0.30, teacher="open_clip:standin:/x/standin.pt (stand-in teacher, not CLIP)"),
         fake_run("clipfed", "badnets", 2, ma=0.0, asr=1.0, status="running"),  # unfinished: ignored
         fake_run("clipfed", "badnets", 0, ma=0.40, asr=0.50, alpha=0.1),
     ]
@@ -75,17 +75,18 @@ def test_table_rows_pool_seeds_and_compare_with_clean_fedavg(tmp_path):
     assert cf["asr"] == pytest.approx(0.20) and cf["asr_std"] == pytest.approx(math.sqrt(0.02))
     assert cf["delta_ma"] == pytest.approx(0.75 - 0.85)
     assert cf["tpr"] == 1.0 and cf["fpr"] == 0.0 and cf["server_s"] == 2.0
-    assert cf["note"] == "stand-in teacher (not CLIP)"
+    assert cf["note"] == "open_clip:standin:/x/standin.pt (stand-in teacher, not CLIP)"
     low = rows[("clipfed", "badnets", 0.1)]
     assert low["delta_ma"] == pytest.approx(0.40 - 0.50)  # against the clean row of the same alpha
     assert low["ma_std"] is None
 
     write_tables(tmp_path, list(rows.values()), columns)
     md = (tmp_path / "table.md").read_text()
-    assert "| clipfed | badnets | 0.5 | 0,1 | 75.0 ± 7.1 | 20.0 ± 14.1 | -10.0 | 100.0 | 0.0 | 2.00 |" in md
+    assert "| clipfed | badnets | 0.5 | 0,1 | 75.0 ± 7.1 | 20.0 ± 14.1 | -10.0 | 100.0 | 0.0 | 2.00 | STAND-IN teacher (not CLIP) |" in md
     with open(tmp_path / "table.csv") as f:
         table = {(r["defense"], r["attack"], r["alpha"]): r for r in csv.DictReader(f)}
     assert float(table[("clipfed", "badnets", "0.5")]["ma"]) == pytest.approx(0.75)
+    assert table[("clipfed", "badnets", "0.5")]["note"].endswith("/x/standin.pt (stand-in teacher, not CLIP)")  # in full
 
 
 # ---------------------------------------------------------------------------- grid files
