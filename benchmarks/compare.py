@@ -237,10 +237,9 @@ def read_metrics(path: Path) -> dict[str, Any] | None:
 
 def run_cell(spec: dict[str, Any]) -> None:
     """Body of a cell subprocess: one federation through the real ServerApp/ClientApp code."""
-    import torch
-
     import faulthandler
-    import signal
+
+    import torch
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the runner asks for stacks before killing a hung cell
     handler = logging.StreamHandler()

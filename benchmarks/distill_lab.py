@@ -32,10 +32,10 @@ from fltask.config import parse_run_config
 from fltask.datasets import load_task_data
 from fltask.models import build_model
 from fltask.partition import make_split
-from fltask.training import attack_success_rate, main_accuracy, to_tensor
-from server_app.app import asr_trigger
+from fltask.training import attack_success_rate, main_accuracy
+from server_app.app import asr_trigger, eval_subset
 from server_app.clipfed_setup import build_clipfed
-from server_app.inprocess import _parse_value
+from server_app.inprocess import parse_overrides
 from server_app.strategies import common_kwargs
 
 log = logging.getLogger("benchmarks.distill_lab")
@@ -72,10 +72,7 @@ def lab(checkpoint: str | Path, overrides: dict[str, Any] | None = None, rounds:
     model = build_model(cfg.model, c, data.num_classes, h)
     built = build_clipfed(cfg, model, data, split, common_kwargs(cfg))
     defense = built.strategy.defense
-    x_test, y_test = to_tensor(data.x_test), torch.from_numpy(data.y_test)
-    if 0 < eval_size < len(y_test):  # the same fixed subset as the runs' eval-size
-        keep = torch.from_numpy(np.random.default_rng(12345).permutation(len(y_test))[:eval_size])
-        x_test, y_test = x_test[keep], y_test[keep]
+    x_test, y_test = eval_subset(data.x_test, data.y_test, eval_size)  # the same fixed subset as the runs'
     spec = asr_trigger(cfg, h)
     state = {k: torch.as_tensor(np.asarray(v)) for k, v in torch.load(checkpoint, weights_only=False)["arrays"].items()}
     model.load_state_dict(state)
@@ -102,12 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {}
-    for item in args.overrides:
-        if "=" not in item:
-            p.error(f"overrides are key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = _parse_value(value)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as err:
+        p.error(str(err))
     try:
         result = lab(args.checkpoint, overrides, args.rounds, args.eval_size)
     except LabError as err:

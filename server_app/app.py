@@ -36,6 +36,16 @@ def asr_trigger(cfg: RunConfig, image_size: int) -> TriggerSpec:
     return TriggerSpec.from_config(cfg, image_size)
 
 
+def eval_subset(x_test: np.ndarray, y_test: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test set as tensors, or a fixed, seed-independent subset of ``size`` images when
+    0 < size < its length (run-config ``eval-size``: faster benchmarks, the same images every run)."""
+    x, y = to_tensor(x_test), torch.from_numpy(y_test)
+    if 0 < size < len(y):
+        keep = torch.from_numpy(np.random.default_rng(12345).permutation(len(y))[:size])
+        x, y = x[keep], y[keep]
+    return x, y
+
+
 class RoundReporter:
     """``evaluate_fn`` for ``Strategy.start``: MA/ASR on the test set + one results entry per round."""
 
@@ -149,10 +159,7 @@ def main(grid: Grid, context: Context) -> None:
     header = {"run_name": cfg.resolved_run_name, "dataset_source": data.source, "status": "running", **built.header}
     recorder = RunRecorder(cfg.results_path, cfg.to_dict(), header)
     rgrid = RecordingGrid(grid)
-    x_test, y_test = to_tensor(data.x_test), torch.from_numpy(data.y_test)
-    if 0 < cfg.eval_size < len(y_test):  # a fixed, seed-independent subset (faster benchmarks)
-        keep = torch.from_numpy(np.random.default_rng(12345).permutation(len(y_test))[: cfg.eval_size])
-        x_test, y_test = x_test[keep], y_test[keep]
+    x_test, y_test = eval_subset(data.x_test, data.y_test, cfg.eval_size)
     reporter = RoundReporter(cfg, model, rgrid, built.strategy, recorder, x_test, y_test, asr_trigger(cfg, h))
     t0 = time.perf_counter()
     try:

@@ -114,6 +114,14 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` command-line run-config overrides (values as TOML scalars)."""
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise ValueError(f"arguments must be run-config key=value pairs, got {bad}")
+    return {k: _parse_value(v) for k, v in (a.split("=", 1) for a in args)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m server_app.inprocess key=value ...``: one federation in-process (no Ray, no
     SuperLink) with the pyproject defaults overridden; prints MA / ASR / screening per round."""
@@ -125,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(main.__doc__)
         return 0
-    bad = [a for a in args if "=" not in a]
-    if bad:
-        print(f"arguments must be run-config key=value pairs, got {bad}", file=sys.stderr)
+    try:
+        overrides = parse_overrides(args)
+    except ValueError as err:
+        print(err, file=sys.stderr)
         return 2
-    overrides = {k: _parse_value(v) for k, v in (a.split("=", 1) for a in args)}
     t0 = time.perf_counter()
     out = run_inprocess(overrides)
     metrics = json.loads((out / "metrics.json").read_text())

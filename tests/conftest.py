@@ -19,3 +19,12 @@ def results_dir(tmp_path: Path) -> Path:
     d = tmp_path / "results"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def restore_task_identity():
+    """Put Flower's process-global task identity back after a test (in-process runs set it)."""
+    from flower_harness import preserved_task_identity
+
+    with preserved_task_identity():
+        yield

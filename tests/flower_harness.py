@@ -33,14 +33,21 @@ SERVER_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID
 
 
 @contextmanager
-def task_identity(run_id: int = 1, node_id: int = SERVER_NODE_ID, task_id: int = 1) -> Iterator[None]:
-    """Set ``TaskIdentity`` (as the ServerApp runtime does) and restore it on exit."""
+def preserved_task_identity() -> Iterator[None]:
+    """Restore Flower's process-global ``TaskIdentity`` on exit (LocalGrid and Messages set it)."""
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # pylint: disable=protected-access
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
     try:
         yield
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # pylint: disable=protected-access
+
+
+@contextmanager
+def task_identity(run_id: int = 1, node_id: int = SERVER_NODE_ID, task_id: int = 1) -> Iterator[None]:
+    """Set ``TaskIdentity`` (as the ServerApp runtime does) and restore it on exit."""
+    with preserved_task_identity():
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+        yield
 
 
 def _reply_metadata(src_node_id: int, run_id: int, message_type: str, group_id: str) -> Metadata:

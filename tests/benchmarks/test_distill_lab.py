@@ -4,18 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from sklearn.datasets import load_digits
 
 from benchmarks.distill_lab import LabError, lab, main
 from server_app.inprocess import run_inprocess
 
 
-@pytest.fixture(autouse=True)
-def restore_task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+# LocalGrid sets Flower's process-global task identity: put it back after every test
+pytestmark = pytest.mark.usefixtures("restore_task_identity")
 
 
 @pytest.fixture(scope="module")

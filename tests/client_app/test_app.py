@@ -3,7 +3,6 @@
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import app as client_app
 from fltask.attacks import TriggerSpec
@@ -20,10 +19,10 @@ NUM_CLIENTS = 4
 @pytest.fixture(autouse=True)
 def task_identity():
     """Messages created outside a Flower process need the (process-global) task identity; restore it after."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    from flower_harness import task_identity as identity
+
+    with identity(run_id=7, node_id=0, task_id=1):
+        yield
 
 
 def run_config(**over):

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import PREV_GLOBAL
 from client_app.app import app as client_app
@@ -103,10 +102,10 @@ def test_backdoor_still_implants_on_digits_under_the_mask():
 # ---------------------------------------------------------------------------- through the ClientApp
 @pytest.fixture
 def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    from flower_harness import task_identity as identity
+
+    with identity(run_id=7, node_id=0, task_id=1):
+        yield
 
 
 def _train(state, pid, server_round, ctx):

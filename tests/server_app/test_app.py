@@ -5,7 +5,6 @@ import json
 
 import pytest
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fltask.config import ConfigError, parse_run_config
 from fltask.results import CSV_FIELDS
@@ -17,12 +16,8 @@ SMALL = {"num-clients": 4, "num-server-rounds": ROUNDS, "local-epochs": 1, "max-
          "malicious-ids": "0"}
 
 
-@pytest.fixture(autouse=True)
-def restore_task_identity():
-    """LocalGrid sets Flower's process-global task identity; put it back for other tests."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+# LocalGrid sets Flower's process-global task identity: put it back after every test
+pytestmark = pytest.mark.usefixtures("restore_task_identity")
 
 
 def _load(out):

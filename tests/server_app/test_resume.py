@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.task_identity import TaskIdentity
 from sklearn.datasets import load_digits
 
 from server_app.inprocess import run_inprocess
@@ -51,12 +50,8 @@ class KillAfter:
         return reply
 
 
-@pytest.fixture(autouse=True)
-def restore_task_identity():
-    """LocalGrid sets Flower's process-global task identity; put it back for other tests."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+# LocalGrid sets Flower's process-global task identity: put it back after every test
+pytestmark = pytest.mark.usefixtures("restore_task_identity")
 
 
 @pytest.fixture(scope="module")
