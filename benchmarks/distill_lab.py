@@ -35,7 +35,7 @@ from fltask.partition import make_split
 from fltask.training import attack_success_rate, main_accuracy
 from server_app.app import asr_trigger, eval_subset
 from server_app.clipfed_setup import build_clipfed
-from server_app.inprocess import parse_overrides
+from server_app.inprocess import default_run_config, parse_overrides
 from server_app.strategies import common_kwargs
 
 log = logging.getLogger("benchmarks.distill_lab")
@@ -52,7 +52,8 @@ def run_config_of(checkpoint: Path, overrides: dict[str, Any]) -> dict[str, Any]
         raise LabError(f"no checkpoint at {checkpoint} (run with checkpoint = true, the default)")
     if not metrics.is_file():
         raise LabError(f"no metrics.json next to {checkpoint}: the lab needs the run's config")
-    config = dict(json.loads(metrics.read_text())["config"])
+    # keys added to the project after the run was recorded take today's defaults
+    config = {**default_run_config(), **json.loads(metrics.read_text())["config"]}
     unknown = [k for k in overrides if k not in config]
     if unknown:
         raise LabError(f"unknown run-config key(s) {unknown}; see pyproject.toml [tool.flwr.app.config]")

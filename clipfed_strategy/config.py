@@ -3,7 +3,8 @@
 Every choice the paper does not confirm is a knob here with a clipfed default (see README,
 "Configuration"). Run-config keys are kebab-case with a group prefix: ``clip-*`` (teacher),
 ``sds-*`` (server dataset), ``faug-*`` (frequency augmentation), ``screen-*`` (pre-aggregation),
-``distill-*`` (post-aggregation), ``validate-*`` (reply checks).
+``distill-*`` (post-aggregation), ``invert-*`` (trigger reconstruction from flagged models),
+``validate-*`` (reply checks).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Mapping
 
 from clipfed_strategy.distillation import DistillConfig
 from clipfed_strategy.screening import COLLAPSE_REFERENCES, METRICS, MODES, RULES
+from clipfed_strategy.trigger_inversion import InversionConfig
 from clipfed_strategy.validation import ValidationConfig
 
 
@@ -113,6 +115,8 @@ class CLIPFedConfig:
         ``distill_every``, ``distill_head`` ("linear"/"mlp"), ``distill_teacher_input``
         ("clean": the teacher sees each row's clean source, enforcing trigger invariance; "aug"),
         ``distill_data`` ("clean+aug", "clean", "aug"), ``distill_proto`` ("text", "image", "mix").
+    invert : InversionConfig
+        Trigger reconstruction from flagged client models (:mod:`clipfed_strategy.trigger_inversion`).
     validation : ValidationConfig
     feature_module : str, default ""
         Dotted name of the module whose output is the penultimate feature; "" = input of the last
@@ -125,6 +129,7 @@ class CLIPFedConfig:
     screen: ScreeningConfig = field(default_factory=ScreeningConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    invert: InversionConfig = field(default_factory=InversionConfig)
     distill_enabled: bool = True
     distill_start_round: int = 1
     distill_every: int = 1
@@ -152,7 +157,7 @@ class CLIPFedConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "CLIPFedConfig":
-        """Read ``screen-*``, ``distill-*``, ``validate-*`` and the top-level keys from a flat dict."""
+        """Read ``screen-*``, ``distill-*``, ``invert-*``, ``validate-*`` and the top-level keys from a flat dict."""
         def pick(prefix: str, dc: type) -> dict[str, Any]:
             out = {}
             for f in dataclasses.fields(dc):
@@ -165,18 +170,20 @@ class CLIPFedConfig:
 
         top = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("screen", "distill", "validation"):
+            if f.name in ("screen", "distill", "validation", "invert"):
                 continue
             key = f.name.replace("_", "-")
             if key in run_config:
                 top[f.name] = _cast(key, run_config[key], f.default)
         try:
             distill = DistillConfig(**pick("distill-", DistillConfig))
+            invert = InversionConfig(**pick("invert-", InversionConfig))
         except ValueError as err:
             raise CLIPFedConfigError(str(err)) from err
         return cls(
             screen=ScreeningConfig(**pick("screen-", ScreeningConfig)),
             distill=distill,
+            invert=invert,
             validation=ValidationConfig(**pick("validate-", ValidationConfig)),
             **top,
         )

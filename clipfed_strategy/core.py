@@ -1,4 +1,5 @@
-"""CLIP-Fed's server-side defence as plain torch: validate → screen → (aggregate elsewhere) → distil.
+"""CLIP-Fed's server-side defence as plain torch: validate → screen (+ trigger reconstruction) →
+(aggregate elsewhere) → distil.
 
 :class:`CLIPFedDefense` holds what persists across rounds (the model template, the server dataset
 on the device, the cached teacher outputs, the distillation head) and exposes one call per step.
@@ -31,6 +32,7 @@ from clipfed_strategy.config import CLIPFedConfig
 from clipfed_strategy.distillation import Distiller, own_logits
 from clipfed_strategy.screening import behaviour_scores, screen
 from clipfed_strategy.server_dataset import ServerDataset
+from clipfed_strategy.trigger_inversion import TriggerBank, invert_trigger
 from clipfed_strategy.validation import update_norm, validate_replies
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,11 @@ class CLIPFedDefense:
             embed_dim=self.text_prototypes.shape[1], head=self.config.distill_head,
             feature_module=self.config.feature_module or None, seed=self.config.seed,
         )
+        # Triggers reconstructed from flagged client models (clipfed_strategy/trigger_inversion.py).
+        self.bank = TriggerBank(self.config.invert.bank_size)
+        self._suspect = copy.deepcopy(model).to(self.device).eval()
+        self._reference = copy.deepcopy(model).to(self.device).eval()
+        self._first_aug_group = int(variants.max()) + 1 if len(variants) else 1
         log.info("CLIP-Fed ready on %s: %d server images (%d clean, %d augmented), screening %s, %s", self.device,
                  len(y), len(self.clean_rows), len(self.aug_rows),
                  "vmap-batched" if self.config.screen.batched and resolve_method(self.eval_method, self.device) == "vmap"
@@ -189,18 +196,20 @@ class CLIPFedDefense:
 
     # ------------------------------------------------------------------ step 2: screen
     @torch.no_grad()
-    def client_logits(self, states: Sequence[Mapping[str, np.ndarray]], need_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits ``[K, N, C]`` (and features) of K client models on the whole server dataset."""
+    def client_logits(self, states: Sequence[Mapping[str, np.ndarray]], need_features: bool,
+                      x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ``[K, N, C]`` (and features) of K client models on the whole server dataset (or ``x``)."""
         cfg = self.config.screen
+        x = self.x if x is None else x
         per_model = [{k: torch.from_numpy(np.asarray(s[k])) for k in self.param_names} for s in states]
         feature_module = self.config.feature_module or None
         if cfg.batched and resolve_method(self.eval_method, self.device) == "vmap":
             stacked = stack_states(per_model, device=self.device)
-            return batched_logits_and_features(self.template, stacked, self.x, chunk_size=cfg.chunk_size,
+            return batched_logits_and_features(self.template, stacked, x, chunk_size=cfg.chunk_size,
                                                feature_module=feature_module, return_features=need_features)
         # one model at a time (screen-batched = false, or "auto" on CPU where it is the faster way)
         per_model = [{k: v.to(self.device) for k, v in p.items()} for p in per_model]
-        return looped_logits_and_features(self.template, per_model, self.x, feature_module=feature_module,
+        return looped_logits_and_features(self.template, per_model, x, feature_module=feature_module,
                                           return_features=need_features)
 
     def screen(self, server_round: int, global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> ScreeningOutcome:
@@ -213,9 +222,14 @@ class CLIPFedDefense:
             return ScreeningOutcome(n, [False] * len(updates), [{} for _ in updates], states, False, time.perf_counter() - t0)
         need_feats = cfg.w_proto > 0
         logits, feats = self.client_logits(states, need_feats)
+        probes = self._bank_probes() if self.config.invert.enabled and self.config.invert.screen else None
+        probe_logits = None
+        if probes is not None:
+            probe_logits, _ = self.client_logits(states, False, x=probes[0])
+            logits = torch.cat([logits, probe_logits], dim=1)
         # A model with NaN/Inf outputs on the server set (e.g. negative BatchNorm variances) is broken
         # whatever the statistics say; its scores would also turn every robust z-score into NaN.
-        finite = torch.isfinite(logits).flatten(1).all(1)
+        finite = torch.isfinite(logits).flatten(1).all(1)  # (bank probe logits included)
         if feats is not None:
             finite &= torch.isfinite(feats).flatten(1).all(1)
         ok = [int(i) for i in torch.nonzero(finite).flatten()]
@@ -226,11 +240,13 @@ class CLIPFedDefense:
                                          for _ in updates]
         enforced = False
         if ok:
-            scores = self._scores(logits[ok], None if feats is None else feats[ok])
+            scores = self._scores(logits[ok], None if feats is None else feats[ok], probes)
             reference = None
             if cfg.rule == "threshold":
                 g_logits, g_feats = self.client_logits([global_state], need_feats)
-                reference = {m: v[0] for m, v in self._scores(g_logits, g_feats).items()}
+                if probes is not None:
+                    g_logits = torch.cat([g_logits, self.client_logits([global_state], False, x=probes[0])[0]], dim=1)
+                reference = {m: v[0] for m, v in self._scores(g_logits, g_feats, probes).items()}
             decision = screen(
                 scores, cfg.weights, rule=cfg.rule, mode=cfg.mode, reference=reference,
                 z_thr=cfg.z_thr, gap=cfg.gap, abs_thr=cfg.abs_thr, max_reject_frac=cfg.max_reject_frac,
@@ -243,20 +259,78 @@ class CLIPFedDefense:
         if len(ok) < len(updates):
             log.warning("round %d: %d client model(s) give non-finite outputs on the server dataset: dropped",
                         server_round, len(updates) - len(ok))
+        info: dict[str, Any] = {}
+        if self.config.invert.enabled and enforced:
+            info["inversion"] = self.reconstruct_triggers(server_round, global_state, updates, records, ok)
         clip_to = None
         if cfg.clip_norm == "median":
             states, clip_to = clip_to_median_norm(states, global_state, [w > 0 for w in weights])
-        return ScreeningOutcome(weights, flagged, records, states, enforced, time.perf_counter() - t0, clip_to)
+        return ScreeningOutcome(weights, flagged, records, states, enforced, time.perf_counter() - t0, clip_to, info)
 
-    def _scores(self, logits: torch.Tensor, feats: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------ step 2b: reconstruct triggers
+    def reconstruct_triggers(self, server_round: int, global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate],
+                             records: Sequence[Mapping[str, Any]], finite: Sequence[int]) -> dict[str, Any]:
+        """Invert the trigger of up to ``invert-max-per-round`` flagged client models (most suspicious
+        first) towards their suspected target class, with the round's global model as the reference
+        that must not flip; keep those that pass ``invert-min-flip`` in the bank."""
+        icfg = self.config.invert
+        t0 = time.perf_counter()
+        candidates = sorted((i for i in finite if records[i].get("flagged") and "target" in records[i]),
+                            key=lambda i: -float(records[i].get("score", 0.0)))[: icfg.max_per_round]
+        xc, yc = self.x[self.clean_rows], self.y[self.clean_rows]
+        self._reference.load_state_dict({k: torch.as_tensor(np.asarray(global_state[k])).to(self.device) for k in self.param_names})
+        results = []
+        for i in candidates:
+            target = int(records[i]["target"])
+            self._suspect.load_state_dict({k: torch.as_tensor(np.asarray(updates[i].state[k])).to(self.device)
+                                           for k in self.param_names})
+            try:
+                trig = invert_trigger(self._suspect, xc, yc, target, icfg, seed=self.config.seed * 7919 + server_round * 31 + len(results),
+                                      reference=self._reference)
+            except ValueError as err:  # e.g. every clean row belongs to the target class
+                results.append({"client": updates[i].client_id, "target": target, "kept": False, "reason": str(err)})
+                continue
+            keep = trig.flip_rate - trig.ref_flip_rate >= icfg.min_flip
+            trig.round, trig.client = server_round, updates[i].client_id
+            if keep:
+                self.bank.add(trig)
+            results.append({"client": updates[i].client_id, "target": target, "flip_rate": trig.flip_rate,
+                            "ref_flip_rate": trig.ref_flip_rate, "mask_mean": trig.mask_mean, "kept": keep})
+            log.info("round %d: trigger reconstructed from flagged client %s → class %d (%s): flips %.0f%% of clean "
+                     "server rows on that model, %.0f%% on the global model, mask %.3f of the image; %s", server_round,
+                     updates[i].client_id, target, self.class_names[target], 100 * trig.flip_rate,
+                     100 * trig.ref_flip_rate, trig.mask_mean,
+                     f"banked ({len(self.bank)} in the bank)" if keep else f"gap below invert-min-flip {icfg.min_flip}: not kept")
+        return {"triggers": results, "bank_size": len(self.bank), "seconds": time.perf_counter() - t0}
+
+    def _bank_probes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Clean server rows stamped with each banked trigger: (images, clean-row positions, trigger index)."""
+        if not len(self.bank):
+            return None
+        icfg = self.config.invert
+        return self.bank.stamped_rows(self.x[self.clean_rows], self.y[self.clean_rows], icfg.rows_per_trigger,
+                                      seed=self.config.seed)
+
+    def _scores(self, logits: torch.Tensor, feats: torch.Tensor | None, probes=None) -> dict[str, torch.Tensor]:
+        """Scores from logits over the server rows (then, with ``probes``, over the bank's stamped rows)."""
         cfg = self.config.screen
         c, a = self.clean_rows, self.aug_rows
+        aug_logits, aug_y = logits[:, a], self.y[a]
+        aug_src_rows, aug_pos, aug_groups = self.src[a], self.aug_source_pos, self.variants[a]
+        if probes is not None:  # each banked trigger is one more probe group, paired with its clean sources
+            n = len(self.y)
+            _, pos, which = probes
+            aug_logits = torch.cat([aug_logits, logits[:, n:]], dim=1)
+            aug_y = torch.cat([aug_y, self.y[c][pos]])
+            aug_src_rows = torch.cat([aug_src_rows, c[pos]])
+            aug_pos = torch.cat([aug_pos, pos])
+            aug_groups = torch.cat([aug_groups, self._first_aug_group + which])
         return behaviour_scores(
-            logits[:, c], self.y[c], logits[:, a], self.y[a],
+            logits[:, c], self.y[c], aug_logits, aug_y,
             teacher_logits_clean=self.teacher_logits[c],
-            teacher_logits_for_aug=self.teacher_logits[self.src[a]],
+            teacher_logits_for_aug=self.teacher_logits[aug_src_rows],
             client_feats_clean=None if feats is None else feats[:, c],
-            T=cfg.T, soft=cfg.soft_collapse, aug_source=self.aug_source_pos, aug_groups=self.variants[a],
+            T=cfg.T, soft=cfg.soft_collapse, aug_source=aug_pos, aug_groups=aug_groups,
             reference=cfg.collapse_ref,
         )
 
@@ -270,12 +344,20 @@ class CLIPFedDefense:
         if not self.should_distill(server_round):
             return dict(state), {}
         rows = self._distill_rows()
+        x, source_rows = self.x[rows], self.src[rows]
         teacher_rows = self.src[rows] if self.config.distill_teacher_input == "clean" else rows
+        probes = self._bank_probes() if self.config.invert.enabled else None
+        if probes is not None:  # banked triggers stamped on clean rows; the targets are those of the clean source
+            x = torch.cat([x, probes[0].to(x.dtype)])
+            source_rows = torch.cat([source_rows, self.clean_rows[probes[1]]])
+            teacher_rows = torch.cat([teacher_rows, self.clean_rows[probes[1]]])
         self.student.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         dcfg = dataclasses.replace(self.config.distill, seed=self.config.distill.seed + server_round)
-        self_logits = own_logits(self.student, self.x, self.src[rows]) if dcfg.lambda_self > 0 else None
-        stats = self.distiller.distill(self.student, self.x[rows], self.y[rows], self.teacher_logits[teacher_rows],
+        self_logits = own_logits(self.student, self.x, source_rows) if dcfg.lambda_self > 0 else None
+        stats = self.distiller.distill(self.student, x, self.y[source_rows], self.teacher_logits[teacher_rows],
                                        self.prototypes(), dcfg, self_logits=self_logits)
+        if probes is not None:
+            stats["trigger_rows"] = float(len(probes[0]))
         new_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
             log.warning("round %d: distillation produced non-finite weights (loss %s): keeping the aggregated model",
@@ -306,12 +388,14 @@ class CLIPFedDefense:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume: the projection head."""
-        return {"head": self.distiller.state_dict()}
+        """What a checkpoint needs to resume: the projection head and the trigger bank."""
+        return {"head": self.distiller.state_dict(), "triggers": self.bank.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("head"):
             self.distiller.load_state_dict(state["head"])
+        if state.get("triggers"):
+            self.bank.load_state_dict(state["triggers"])
 
 
 def clip_to_median_norm(states: Sequence[dict[str, np.ndarray]], global_state: Mapping[str, np.ndarray],

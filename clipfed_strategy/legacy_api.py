@@ -125,7 +125,7 @@ class CLIPFedLegacy(Strategy):
         seconds = {"screen": t_screen - t0, "aggregate": t_agg - t_screen, "distill": t_end - t_agg}
         self.last_round_report = {"accepted": [p.cid for p, _ in kept], "rejected": sorted(rejected), "scores": scores, "screening": details,
                                   "weights": weights, "reasons": rejected, "seconds": seconds, "distill": dstats,
-                                  "teacher": self.defense.teacher_info["label"]}
+                                  "inversion": outcome.info.get("inversion"), "teacher": self.defense.teacher_info["label"]}
         for cid, reason in rejected.items():
             log.info("round %d: rejected client %s: %s", server_round, cid, reason)
         metrics = dict(metrics or {})

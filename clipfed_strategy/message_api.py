@@ -153,6 +153,7 @@ class CLIPFed(Strategy):
             "seconds": seconds,
             "distill": dstats,
             "screen_enforced": outcome.enforced,
+            "inversion": outcome.info.get("inversion"),
             "clip_norm": outcome.clip_norm,
             "kept_previous_model": arrays is None,
             "teacher": self.defense.teacher_info["label"],

@@ -260,7 +260,7 @@ def test_distill_lowers_a_backdoored_models_asr(backdoored):
 def test_projection_head_state_round_trips(small_server_set):
     cfg = {"distill": {"steps": 3, "batch_size": 32}}
     a = H.make_defense(H.tiny_net(0), small_server_set, **cfg)
-    assert a.state_dict() == {"head": {}}  # no head before the first distillation
+    assert a.state_dict() == {"head": {}, "triggers": []}  # no head or banked trigger before the first round
     state = {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(5)).items()}
     a.distill(1, state)
     saved = copy.deepcopy(a.state_dict())
