@@ -46,6 +46,11 @@ class ScreeningConfig:
         A client is only flagged when its collapse also exceeds this absolute value.
     max_reject_frac : float, default 0.5
     min_kept, min_clients : int, defaults 1, 3
+    history : float, default 0.0
+        β of a per-client moving average of the combined score over the rounds a client takes
+        part in (clients are recognised by their Flower node id / client id): a client is judged
+        on (1 − β)·S_round + β·S_past. 0 = every round alone. Meant for fixed client identities
+        (cross-silo); a benign client that is an outlier round after round stays flagged longer.
     mode : {"drop", "soft"}, default "drop"
     soft_beta : float, default 1.0
     clip_norm : {"none", "median"}, default "none"
@@ -72,6 +77,7 @@ class ScreeningConfig:
     max_reject_frac: float = 0.5
     min_kept: int = 1
     min_clients: int = 3
+    history: float = 0.0
     mode: str = "drop"
     soft_beta: float = 1.0
     clip_norm: str = "none"
@@ -91,6 +97,8 @@ class ScreeningConfig:
             raise CLIPFedConfigError(f"screen-clip-norm is {self.clip_norm!r}; allowed values: none, median")
         if self.soft_beta <= 0:
             raise CLIPFedConfigError(f"screen-soft-beta must be > 0, got {self.soft_beta}")
+        if not 0 <= self.history < 1:
+            raise CLIPFedConfigError(f"screen-history must lie in [0, 1), got {self.history}")
         if not 0 <= self.max_reject_frac <= 1:
             raise CLIPFedConfigError(f"screen-max-reject-frac must lie in [0, 1], got {self.max_reject_frac}")
         if self.chunk_size < 1:

@@ -147,6 +147,8 @@ class CLIPFedDefense:
         )
         # Triggers reconstructed from flagged client models (clipfed_strategy/trigger_inversion.py).
         self.bank = TriggerBank(self.config.invert.bank_size)
+        # Each client's smoothed screening score (screen-history > 0), by client id.
+        self.score_history: dict[str, float] = {}
         self._suspect = copy.deepcopy(model).to(self.device).eval()
         self._reference = copy.deepcopy(model).to(self.device).eval()
         self._first_aug_group = int(variants.max()) + 1 if len(variants) else 1
@@ -247,14 +249,17 @@ class CLIPFedDefense:
                 if probes is not None:
                     g_logits = torch.cat([g_logits, self.client_logits([global_state], False, x=probes[0])[0]], dim=1)
                 reference = {m: v[0] for m, v in self._scores(g_logits, g_feats, probes).items()}
+            prior = [self.score_history.get(updates[i].client_id) for i in ok] if cfg.history > 0 else None
             decision = screen(
-                scores, cfg.weights, rule=cfg.rule, mode=cfg.mode, reference=reference,
+                scores, cfg.weights, rule=cfg.rule, mode=cfg.mode, reference=reference, prior=prior, history=cfg.history,
                 z_thr=cfg.z_thr, gap=cfg.gap, abs_thr=cfg.abs_thr, max_reject_frac=cfg.max_reject_frac,
                 min_kept=cfg.min_kept, min_clients=cfg.min_clients, soft_beta=cfg.soft_beta,
                 num_examples=[n[i] for i in ok], min_collapse=cfg.min_collapse, class_names=self.class_names,
             )
             for j, (i, rec) in enumerate(zip(ok, decision.records())):
                 weights[i], flagged[i], records[i] = float(decision.weights[j]), bool(decision.flagged[j]), rec
+                if cfg.history > 0:
+                    self.score_history[updates[i].client_id] = float(decision.combined[j])
             enforced = decision.enforced
         if len(ok) < len(updates):
             log.warning("round %d: %d client model(s) give non-finite outputs on the server dataset: dropped",
@@ -388,14 +393,17 @@ class CLIPFedDefense:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume: the projection head and the trigger bank."""
-        return {"head": self.distiller.state_dict(), "triggers": self.bank.state_dict()}
+        """What a checkpoint needs to resume: the projection head, the trigger bank, the score history."""
+        return {"head": self.distiller.state_dict(), "triggers": self.bank.state_dict(),
+                "score_history": dict(self.score_history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("head"):
             self.distiller.load_state_dict(state["head"])
         if state.get("triggers"):
             self.bank.load_state_dict(state["triggers"])
+        if state.get("score_history"):
+            self.score_history = {str(k): float(v) for k, v in state["score_history"].items()}
 
 
 def clip_to_median_norm(states: Sequence[dict[str, np.ndarray]], global_state: Mapping[str, np.ndarray],

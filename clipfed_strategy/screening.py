@@ -371,6 +371,9 @@ class ScreeningDecision:
         Suspected target class per client (argmax of the collapse shift).
     scores, z : dict[str, Tensor]
         Raw metric values and their robust z-scores (filled by :func:`screen`).
+    round_combined : Tensor ``[K]`` or None
+        This round's S before the history average (filled by :func:`screen`; equals ``combined``
+        without history).
     """
 
     combined: Tensor
@@ -383,6 +386,7 @@ class ScreeningDecision:
     targets: Tensor | None = None
     scores: dict[str, Tensor] = field(default_factory=dict)
     z: dict[str, Tensor] = field(default_factory=dict)
+    round_combined: Tensor | None = None
 
     @property
     def kept(self) -> Tensor:
@@ -404,6 +408,8 @@ class ScreeningDecision:
             }
             if self.targets is not None:
                 row["target"] = int(self.targets[i])
+            if self.round_combined is not None and not torch.equal(self.round_combined, self.combined):
+                row["round_score"] = float(self.round_combined[i])
             row.update({m: float(v[i]) for m, v in self.scores.items() if m != "collapse_target"})
             row.update({f"z_{m}": float(v[i]) for m, v in self.z.items()})
             rows.append(row)
@@ -603,6 +609,8 @@ def screen(
     mode: str = "drop",
     reference: Mapping[str, Tensor | float] | None = None,
     z_eps: float = 1e-6,
+    prior: Sequence[float | None] | None = None,
+    history: float = 0.0,
     **decide_kwargs,
 ) -> ScreeningDecision:
     """Scores → combined score → decision, in one call (what the Flower adapters use).
@@ -620,6 +628,13 @@ def screen(
         weighted mean of (s_i − s_ref) instead of robust z-scores.
     z_eps : float, default 1e-6
         ``eps`` of :func:`robust_z`.
+    prior : sequence of float or None, or None
+        Each client's smoothed score from earlier rounds (``None`` for a client seen for the
+        first time). With ``history`` β > 0 the decision uses S'_i = (1 − β)·S_i + β·prior_i, an
+        exponential moving average over the rounds the client took part in; ``decision.combined``
+        is S' (store it as the next round's prior) and ``decision.round_combined`` this round's S.
+    history : float, default 0.0
+        β in [0, 1); 0 = every round is judged alone.
     **decide_kwargs
         Passed to :func:`decide` (``z_thr``, ``min_collapse``, ``num_examples``, ...).
     """
@@ -634,6 +649,15 @@ def screen(
     else:
         combined = combine(z, weights)
         contributions = {m: z[m] for m in z}
+    round_combined = combined
+    if not 0.0 <= history < 1.0:
+        raise ScreeningError(f"screen.history must be in [0, 1), got {history}")
+    if history > 0 and prior is not None:
+        if len(prior) != combined.shape[0]:
+            raise ScreeningError(f"prior has {len(prior)} entries for {combined.shape[0]} clients")
+        known = torch.tensor([p is not None for p in prior], device=combined.device)
+        past = torch.tensor([float(p) if p is not None else 0.0 for p in prior], device=combined.device)
+        combined = torch.where(known, (1 - history) * combined.float() + history * past, combined.float())
     decision = decide(
         combined,
         mode=mode,
@@ -645,6 +669,7 @@ def screen(
     )
     decision.scores = {m: v for m, v in scores.items()}
     decision.z = z
+    decision.round_combined = round_combined
     return decision
 
 

@@ -260,7 +260,7 @@ def test_distill_lowers_a_backdoored_models_asr(backdoored):
 def test_projection_head_state_round_trips(small_server_set):
     cfg = {"distill": {"steps": 3, "batch_size": 32}}
     a = H.make_defense(H.tiny_net(0), small_server_set, **cfg)
-    assert a.state_dict() == {"head": {}, "triggers": []}  # no head or banked trigger before the first round
+    assert a.state_dict() == {"head": {}, "triggers": [], "score_history": {}}  # no head or banked trigger before the first round
     state = {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(5)).items()}
     a.distill(1, state)
     saved = copy.deepcopy(a.state_dict())
@@ -274,3 +274,28 @@ def test_projection_head_state_round_trips(small_server_set):
     assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)  # restored head == continued head
     assert not all(torch.equal(out_a[k], out_fresh[k]) for k in out_a)  # the head matters
     assert all(torch.equal(a.state_dict()["head"][k], b.state_dict()["head"][k]) for k in saved["head"])
+
+
+def test_score_history_follows_client_ids_across_rounds_and_checkpoints(small_server_set):
+    from clipfed_strategy.config import CLIPFedConfigError, ScreeningConfig
+
+    d = H.make_defense(H.tiny_net(0), small_server_set, screen={"history": 0.5, "min_collapse": 0.0})
+    g, ups = _updates(5)
+    first = d.screen(1, g, ups)
+    assert set(d.score_history) == {u.client_id for u in ups}
+    assert [d.score_history[u.client_id] for u in ups] == pytest.approx([r["score"] for r in first.records])
+    # round 2: client "4" is absent, a new client "9" joins; the others are averaged with their past
+    second_ups = ups[:4] + [ClientUpdate("9", ups[4].state, 50.0)]
+    before = dict(d.score_history)
+    second = d.screen(2, g, second_ups)
+    for u, rec in zip(second_ups, second.records):
+        if u.client_id in before:
+            assert rec["score"] == pytest.approx(0.5 * rec.get("round_score", rec["score"]) + 0.5 * before[u.client_id])
+        else:
+            assert "round_score" not in rec  # first appearance: this round alone
+    assert d.score_history["4"] == before["4"]  # an absent client keeps its history
+    restored = H.make_defense(H.tiny_net(0), small_server_set, screen={"history": 0.5})
+    restored.load_state_dict(d.state_dict())
+    assert restored.score_history == d.score_history
+    with pytest.raises(CLIPFedConfigError, match="screen-history"):
+        ScreeningConfig(history=1.0)

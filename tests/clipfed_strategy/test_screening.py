@@ -309,3 +309,27 @@ def test_collapse_reference_is_a_run_config_key():
     assert CLIPFedConfig.from_run_config({"screen-collapse-ref": "label"}).screen.collapse_ref == "label"
     with pytest.raises(CLIPFedConfigError, match="screen-collapse-ref.*allowed values: prediction, label"):
         CLIPFedConfig.from_run_config({"screen-collapse-ref": "teacher"})
+
+
+def test_history_averages_each_clients_score_over_rounds():
+    # client 3 was suspicious in earlier rounds; this round it scores just under the threshold
+    scores = {"collapse": torch.tensor([0.10, 0.11, 0.09, 0.14, 0.10, 0.12, 0.08, 0.11])}
+    alone = screen(scores, {"collapse": 1.0}, z_thr=3.0, min_collapse=0.0)
+    s3 = float(alone.combined[3])
+    assert not bool(alone.flagged.any()) and 1.5 < s3 < 3.0
+    prior = [None, 0.1, None, 6.0, -0.5, None, None, None]
+    dec = screen(scores, {"collapse": 1.0}, z_thr=3.0, min_collapse=0.0, prior=prior, history=0.5)
+    assert dec.flagged.tolist() == [i == 3 for i in range(8)]
+    expected = alone.combined.clone()
+    for i, p in enumerate(prior):
+        if p is not None:
+            expected[i] = 0.5 * alone.combined[i] + 0.5 * p
+    torch.testing.assert_close(dec.combined, expected)  # new clients (no prior) are judged on this round alone
+    torch.testing.assert_close(dec.round_combined, alone.combined)
+    rec = dec.records()[3]
+    assert rec["score"] == pytest.approx(0.5 * s3 + 3.0) and rec["round_score"] == pytest.approx(s3)
+    assert "round_score" not in alone.records()[3]
+    with pytest.raises(ScreeningError, match="history must be in"):
+        screen(scores, {"collapse": 1.0}, prior=prior, history=1.0)
+    with pytest.raises(ScreeningError, match="prior has 2 entries for 8 clients"):
+        screen(scores, {"collapse": 1.0}, prior=[None, 1.0], history=0.5)
