@@ -10,6 +10,10 @@ and un-taught (distillation). Families (see docs / method.md section 4):
 * ``hf-patch``: a k x k patch (binary, checkerboard, high-pass or solid pattern) pasted at a random
   position, BadNets/DBA-like.
 * ``lf-blend``: a global overlay of smooth low-band noise (rho <= rho_lo), Blend-like.
+* ``wb-blend``: a global overlay of white (flat-spectrum, every band) noise, ``(1 - a) x + a u`` with
+  u ~ U[0, 1] per pixel: what the usual Blend trigger (a fixed random-noise image blended at 0.1–0.3)
+  looks like in frequency. A model backdoored with one noise image also answers its target on fresh
+  noise (CIFAR-10, Blend at 0.2: 47–77 % of rows at a = 0.2–0.3 vs 15–18 % for a benign model).
 * ``fft-amp``: the FFT amplitude spectrum mixed with another image's, phase kept (style/colour).
 
 Everything works on float NCHW tensors in [0, 1] and takes an explicit ``torch.Generator`` (random
@@ -32,7 +36,7 @@ log = logging.getLogger(__name__)
 
 ANCHORS = ("tl", "tr", "bl", "br", "center")
 ANCHORED_PATCH_OPS = tuple(f"patch-{a}" for a in ANCHORS)
-OPS = ("hf-noise", "hf-patch", "lf-blend", "fft-amp") + ANCHORED_PATCH_OPS
+OPS = ("hf-noise", "hf-patch", "lf-blend", "wb-blend", "fft-amp") + ANCHORED_PATCH_OPS
 PATCH_PATTERNS = ("binary", "checkerboard", "highpass", "solid")
 
 
@@ -118,6 +122,8 @@ class FreqAugConfig:
         ``solid``. Default all four.
     blend_min, blend_max : float
         ``lf-blend`` opacity drawn from U[blend_min, blend_max]. Defaults 0.05, 0.2.
+    wb_min, wb_max : float
+        ``wb-blend`` opacity drawn from U[wb_min, wb_max]. Defaults 0.1, 0.3.
     amp_min, amp_max : float
         ``fft-amp`` mixing weight of the partner's amplitude, U[amp_min, amp_max]. Defaults 0.1, 0.5.
     amp_rho_max : float
@@ -133,13 +139,15 @@ class FreqAugConfig:
     patch_patterns: tuple = PATCH_PATTERNS
     blend_min: float = 0.05
     blend_max: float = 0.2
+    wb_min: float = 0.1
+    wb_max: float = 0.3
     amp_min: float = 0.1
     amp_max: float = 0.5
     amp_rho_max: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_patterns", tuple(self.patch_patterns))
-        for lo, hi in (("eps_min", "eps_max"), ("blend_min", "blend_max"), ("amp_min", "amp_max")):
+        for lo, hi in (("eps_min", "eps_max"), ("blend_min", "blend_max"), ("wb_min", "wb_max"), ("amp_min", "amp_max")):
             a, b = getattr(self, lo), getattr(self, hi)
             if not 0.0 <= a <= b <= 1.0:
                 raise FreqAugError(f"{lo}/{hi} must satisfy 0 <= {lo} <= {hi} <= 1, got {a}, {b}")
@@ -295,6 +303,14 @@ def lf_blend(x: torch.Tensor, cfg: FreqAugConfig, gen: torch.Generator) -> torch
     return ((1 - a.to(x.device)) * x + (a * g).to(x.device, x.dtype)).clamp(0.0, 1.0)
 
 
+def wb_blend(x: torch.Tensor, cfg: FreqAugConfig, gen: torch.Generator) -> torch.Tensor:
+    """``(1 - a) x + a u`` with white noise u ~ U[0, 1] per pixel and channel, a ~ U[wb_min, wb_max]."""
+    n = x.shape[0]
+    u = torch.rand(tuple(x.shape), generator=gen)
+    a = _uniform(n, cfg.wb_min, cfg.wb_max, gen).view(n, 1, 1, 1)
+    return ((1 - a.to(x.device)) * x + (a * u).to(x.device, x.dtype)).clamp(0.0, 1.0)
+
+
 def fft_radius(h: int, w: int, device=None) -> torch.Tensor:
     """Normalised FFT radius ``(|f_y| + |f_x|) / 1.0`` with frequencies in cycles/pixel (max 1)."""
     fy = torch.fft.fftfreq(h, device=device).abs()[:, None]
@@ -344,6 +360,8 @@ def apply_op(op: str, x: torch.Tensor, cfg: FreqAugConfig, gen: torch.Generator)
         return hf_patch(x, cfg, gen, anchor=op.removeprefix("patch-"))
     if op == "lf-blend":
         return lf_blend(x, cfg, gen)
+    if op == "wb-blend":
+        return wb_blend(x, cfg, gen)
     if op == "fft-amp":
         n = x.shape[0]
         if n < 2:

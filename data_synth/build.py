@@ -70,6 +70,47 @@ def build_key(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _clean_from_sibling(out_dir: Path, config: dict) -> tuple[ServerDataset, Path] | None:
+    """The clean rows of a complete dataset at or next to ``out_dir`` whose build config equals
+    ``config`` in everything but the frequency augmentation (``faug``), or ``None``.
+
+    Generation is the slow part of a build (minutes to hours); changing the augmentation families
+    or their parameters must not repeat it.
+    """
+    want = {k: v for k, v in config.items() if k != "faug"}
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return None
+    candidates = [out_dir / "manifest.json"] + [m for m in sorted(parent.glob("*/manifest.json"))
+                                                 if m.parent.resolve() != out_dir.resolve()]
+    for manifest in candidates:
+        if not manifest.is_file():
+            continue
+        try:
+            meta = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        other = meta.get("build_config")
+        if not meta.get("complete") or not isinstance(other, dict):
+            continue
+        if json.loads(json.dumps({k: v for k, v in other.items() if k != "faug"}, default=str)) != \
+                json.loads(json.dumps(want, default=str)):
+            continue
+        try:
+            ds = ServerDataset.load(manifest.parent)
+        except ServerDatasetError as e:
+            log.warning("cannot reuse the clean images of %s (%s)", manifest.parent, e)
+            continue
+        keep = ds.variants == 0
+        n = int(keep.sum())
+        clean_meta = {k: v for k, v in ds.meta.items() if k not in ("build", "faug", "content_hash", "num_images",
+                                                                      "resolution", "channels", "subset")}
+        clean = ServerDataset(ds.images[keep], ds.labels[keep], np.zeros(n, np.int64), np.arange(n, dtype=np.int64),
+                              list(ds.class_names), ["clean"], clean_meta)
+        return clean, manifest.parent
+    return None
+
+
 def _existing(out_dir: Path, key: str) -> ServerDataset | None:
     manifest = out_dir / "manifest.json"
     if not manifest.is_file():
@@ -242,6 +283,20 @@ def build_server_dataset(
     if not force:
         ds = _existing(out_dir, key)
         if ds is not None:
+            return ds
+        reused = _clean_from_sibling(out_dir, config)
+        if reused is not None:  # same generation, teacher and filter: only the augmentation differs
+            clean, source = reused
+            meta = {**clean.meta, "build_key": key, "build_config": config,
+                    "clean_images_from": {"path": str(source), "build_key": clean.meta.get("build_key")}}
+            clean = ServerDataset(clean.images, clean.labels, clean.variants, clean.source_index,
+                                  clean.class_names, ["clean"], meta)
+            ds = augment_dataset(clean, ops, faug_copies, faug_params, seed)
+            ds.meta["build"] = {"seconds": round(time.time() - t0, 1), "chunks": 0, "device": "cpu",
+                                "reused_clean_images": True}
+            ds.save(out_dir)
+            log.info("saved server dataset %s: the %d clean images of %s re-augmented with %s (no generation), hash %s",
+                     out_dir, len(clean), source, ",".join(ops) or "no ops", ds.content_hash()[:12])
             return ds
 
     dev = resolve_device(device, teacher)

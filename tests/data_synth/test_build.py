@@ -57,15 +57,25 @@ def test_manifest_round_trip_and_reuse(tmp_path, oracle_teacher, digits_by_class
     calls = len(gen.calls)
     again = _build(out, oracle_teacher, gen)
     assert len(gen.calls) == calls and again.content_hash() == ds.content_hash()
-    _build(out, oracle_teacher, gen, faug_ops="lf-blend")
+    # another augmentation only: the clean images are re-augmented, nothing is generated again
+    reaug = _build(out, oracle_teacher, gen, faug_ops="lf-blend,wb-blend")
+    assert len(gen.calls) == calls
+    assert ServerDataset.load(out).variant_names == ["clean", "lf-blend", "wb-blend"]
+    assert np.array_equal(reaug.images[reaug.clean_mask()], ds.images[ds.clean_mask()])
+    assert reaug.meta["build"]["reused_clean_images"] and reaug.meta["build_config"]["faug"]["ops"] == ["lf-blend", "wb-blend"]
+    # ... also from a sibling directory (the ServerApp keeps one directory per config)
+    sibling = _build(tmp_path / "other", oracle_teacher, gen, faug_ops="hf-noise")
+    assert len(gen.calls) == calls and np.array_equal(sibling.images[sibling.clean_mask()], ds.images[ds.clean_mask()])
+    # anything else (here the confidence threshold) generates again
+    _build(out, oracle_teacher, gen, min_conf=0.31)
     assert len(gen.calls) > calls
-    assert ServerDataset.load(out).variant_names == ["clean", "lf-blend"]
 
 
 def test_resume_reuses_finished_chunks(tmp_path, oracle_teacher, digits_by_class, list_generator_cls):
     per_class = {c: digits_by_class[c][:30] for c in range(10)}
     kw = dict(images_per_class=12, chunk_size=4, min_conf=0.0, max_oversample=1.0)
-    ref = _build(tmp_path / "ref", oracle_teacher, list_generator_cls(per_class), **kw)
+    # (in a directory of its own: a finished sibling with the same config would lend its images)
+    ref = _build(tmp_path / "elsewhere" / "ref", oracle_teacher, list_generator_cls(per_class), **kw)
 
     out = tmp_path / "sds"
     crashing = list_generator_cls(per_class, fail_on_chunk=2)
@@ -86,7 +96,7 @@ def test_bad_inputs_stop_clearly(tmp_path, oracle_teacher, digits_by_class, list
     out = tmp_path / "sds"
     with pytest.raises(SynthError, match="not a known class list"):
         resolve_class_names("imagenet")
-    with pytest.raises(FreqAugError, match="allowed: hf-noise, hf-patch, lf-blend, fft-amp"):
+    with pytest.raises(FreqAugError, match="allowed: hf-noise, hf-patch, lf-blend, wb-blend, fft-amp"):
         _build(out, oracle_teacher, gen, faug_ops="hf-noise,blur")
     with pytest.raises(SynthError, match="unknown generator 'diffusion'"):
         _build(out, oracle_teacher, "diffusion")

@@ -45,7 +45,7 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
     rc = main(["build", "--out", str(out), "--dataset-classes", "imagenet", "--no-progress"])
     assert rc == 2 and "not a known class list (digits, cifar10)" in capsys.readouterr().err
     rc = main(["build", "--out", str(out), "--dataset-classes", "digits", "--faug-ops", "hf-noise,wavelet"])
-    assert rc == 2 and "allowed: hf-noise, hf-patch, lf-blend, fft-amp" in capsys.readouterr().err
+    assert rc == 2 and "allowed: hf-noise, hf-patch, lf-blend, wb-blend, fft-amp" in capsys.readouterr().err
     rc = main(["build", "--out", str(out), "--dataset-classes", "a,b", "--generator", "folder",
                "--folder", str(tmp_path / "missing"), "--no-filter"])
     assert rc == 2 and "is not a directory" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from clipfed_strategy.freq_augment import (
     idct2,
     lf_blend,
     to_float_nchw,
+    wb_blend,
 )
 from clipfed_strategy.server_dataset import ServerDataset
 
@@ -65,6 +66,23 @@ def test_lf_blend_adds_only_low_band_content(x_digits):
     overlay = out - (1 - a.view(-1, 1, 1, 1)) * x_digits
     lo, hi = band_energy(overlay, 0.0, CFG.rho_lo), band_energy(overlay, CFG.rho_lo + 1e-6, 1.0)
     assert (lo > 1e-4).all() and (hi < 1e-8 * lo).all()  # float32 draws: round-off only
+
+
+def test_wb_blend_spreads_energy_over_every_band(x_digits):
+    x = 0.2 + 0.6 * x_digits
+    out = wb_blend(x, CFG, _gen())
+    # out = (1 - a) x + a u, so out - (1 - a) x = a u is white noise: energy in the low, middle and high bands
+    # in proportion to their number of coefficients (a flat spectrum), unlike hf-noise / lf-blend
+    diff = out - x
+    bands = [(0.0, 0.25), (0.25, 0.5), (0.5, 1.0)]
+    energy = torch.stack([band_energy(diff, lo, hi - 1e-9 if hi < 1 else hi) for lo, hi in bands], dim=1)
+    assert (energy > 1e-3).all()
+    u = torch.rand(4096, 1, 8, 8, generator=_gen(1), dtype=torch.float64) - 0.5
+    share = torch.stack([band_energy(u, lo, hi - 1e-9 if hi < 1 else hi) for lo, hi in bands], dim=1).mean(0)
+    flat = share / share.sum()  # the coefficient share of each band for white noise
+    assert (energy[:, 1:].sum(1) / energy.sum(1)).mean() > 0.5 * flat[1:].sum()  # not a low-band overlay
+    # the opacity: (out - x) = a (u - x) with a in [wb_min, wb_max], so |out - x| <= wb_max
+    assert diff.abs().max() <= CFG.wb_max + 1e-6 and diff.abs().max() >= CFG.wb_min / 2
 
 
 def test_hf_patch_is_local_and_sized(x_digits):
@@ -117,7 +135,7 @@ def test_augment_keeps_labels_and_points_at_sources(digits):
 
 
 def test_unknown_op_lists_allowed():
-    with pytest.raises(FreqAugError, match="allowed: hf-noise, hf-patch, lf-blend, fft-amp"):
+    with pytest.raises(FreqAugError, match="allowed: hf-noise, hf-patch, lf-blend, wb-blend, fft-amp"):
         augment(np.zeros((2, 8, 8, 1), np.uint8), np.zeros(2), "hf-noise,jpeg", 1, CFG, 0)
     with pytest.raises(FreqAugError, match="eps_min"):
         FreqAugConfig(eps_min=0.3, eps_max=0.1)
