@@ -59,3 +59,18 @@ def test_lab_refuses_unknown_keys_and_missing_checkpoints(backdoored_run, tmp_pa
     with pytest.raises(LabError, match="no checkpoint"):
         lab(tmp_path / "checkpoint.pt")
     assert main([str(tmp_path / "checkpoint.pt")]) == 2
+
+
+def test_lab_accepts_keys_added_after_the_run_was_recorded(backdoored_run, tmp_path):
+    """An older run's metrics.json lacks today's keys: they take today's defaults and can be overridden."""
+    import shutil
+
+    ckpt, keys = backdoored_run
+    old = tmp_path / "old"
+    shutil.copytree(ckpt.parent, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    for key in ("distill-grad-clip", "invert-enabled"):
+        metrics["config"].pop(key, None)
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    result = lab(old / "checkpoint.pt", {**keys, "distill-steps": 1, "distill-grad-clip": 5.0}, rounds=1, eval_size=0)
+    assert result["overrides"]["distill-grad-clip"] == 5.0 and len(result["steps"]) == 2
