@@ -149,8 +149,7 @@ class CLIPFedDefense:
         self.bank = TriggerBank(self.config.invert.bank_size)
         # Each client's smoothed screening score (screen-history > 0), by client id.
         self.score_history: dict[str, float] = {}
-        self._suspect = copy.deepcopy(model).to(self.device).eval()
-        self._reference = copy.deepcopy(model).to(self.device).eval()
+        self._inversion_models: tuple[nn.Module, nn.Module] | None = None  # (suspect, reference), built on first use
         self._first_aug_group = int(variants.max()) + 1 if len(variants) else 1
         log.info("CLIP-Fed ready on %s: %d server images (%d clean, %d augmented), screening %s, %s", self.device,
                  len(y), len(self.clean_rows), len(self.aug_rows),
@@ -225,13 +224,11 @@ class CLIPFedDefense:
         need_feats = cfg.w_proto > 0
         logits, feats = self.client_logits(states, need_feats)
         probes = self._bank_probes() if self.config.invert.enabled and self.config.invert.screen else None
-        probe_logits = None
-        if probes is not None:
-            probe_logits, _ = self.client_logits(states, False, x=probes[0])
-            logits = torch.cat([logits, probe_logits], dim=1)
+        if probes is not None:  # the bank's stamped rows come after the server rows
+            logits = torch.cat([logits, self.client_logits(states, False, x=probes[0])[0]], dim=1)
         # A model with NaN/Inf outputs on the server set (e.g. negative BatchNorm variances) is broken
         # whatever the statistics say; its scores would also turn every robust z-score into NaN.
-        finite = torch.isfinite(logits).flatten(1).all(1)  # (bank probe logits included)
+        finite = torch.isfinite(logits).flatten(1).all(1)
         if feats is not None:
             finite &= torch.isfinite(feats).flatten(1).all(1)
         ok = [int(i) for i in torch.nonzero(finite).flatten()]
@@ -283,15 +280,18 @@ class CLIPFedDefense:
         candidates = sorted((i for i in finite if records[i].get("flagged") and "target" in records[i]),
                             key=lambda i: -float(records[i].get("score", 0.0)))[: icfg.max_per_round]
         xc, yc = self.x[self.clean_rows], self.y[self.clean_rows]
-        self._reference.load_state_dict({k: torch.as_tensor(np.asarray(global_state[k])).to(self.device) for k in self.param_names})
+        if self._inversion_models is None:
+            self._inversion_models = (copy.deepcopy(self.template).eval(), copy.deepcopy(self.template).eval())
+        suspect, reference = self._inversion_models
+        reference.load_state_dict({k: torch.as_tensor(np.asarray(global_state[k])).to(self.device) for k in self.param_names})
         results = []
         for i in candidates:
             target = int(records[i]["target"])
-            self._suspect.load_state_dict({k: torch.as_tensor(np.asarray(updates[i].state[k])).to(self.device)
-                                           for k in self.param_names})
+            suspect.load_state_dict({k: torch.as_tensor(np.asarray(updates[i].state[k])).to(self.device)
+                                     for k in self.param_names})
             try:
-                trig = invert_trigger(self._suspect, xc, yc, target, icfg, seed=self.config.seed * 7919 + server_round * 31 + len(results),
-                                      reference=self._reference)
+                trig = invert_trigger(suspect, xc, yc, target, icfg, seed=self.config.seed * 7919 + server_round * 31 + len(results),
+                                      reference=reference)
             except ValueError as err:  # e.g. every clean row belongs to the target class
                 results.append({"client": updates[i].client_id, "target": target, "kept": False, "reason": str(err)})
                 continue
