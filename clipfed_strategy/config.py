@@ -30,8 +30,10 @@ class ScreeningConfig:
     Parameters
     ----------
     enabled : bool, default True
-    w_collapse, w_kl, w_agree, w_proto : float, defaults 1.0, 0.0, 0.0, 0.0
-        Metric weights in the combined score (0 = off). ``collapse`` is the Non-IID-robust one.
+    w_collapse, w_kl, w_agree, w_proto, w_bias : float, defaults 1.0, 0.0, 0.0, 0.0, 0.0
+        Metric weights in the combined score (0 = off). ``collapse`` is the Non-IID-robust one;
+        ``bias`` (:func:`clipfed_strategy.screening.class_bias_scores`) sees backdoors whose trigger the
+        synthetic images already carry (Blend on noise-like images).
     T : float, default 1.0
         Temperature of the client/teacher softmax in ``kl``.
     soft_collapse : bool, default False
@@ -66,6 +68,7 @@ class ScreeningConfig:
     w_kl: float = 0.0
     w_agree: float = 0.0
     w_proto: float = 0.0
+    w_bias: float = 0.0
     T: float = 1.0
     soft_collapse: bool = False
     collapse_ref: str = "prediction"
@@ -108,7 +111,8 @@ class ScreeningConfig:
 
     @property
     def weights(self) -> dict[str, float]:
-        return {"collapse": self.w_collapse, "kl": self.w_kl, "agree": self.w_agree, "proto": self.w_proto}
+        return {"collapse": self.w_collapse, "kl": self.w_kl, "agree": self.w_agree, "proto": self.w_proto,
+                "bias": self.w_bias}
 
 
 @dataclass

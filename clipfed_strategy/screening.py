@@ -48,7 +48,7 @@ from clipfed_strategy.losses import kl_per_sample
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("collapse", "kl", "agree", "proto")
+METRICS = ("collapse", "kl", "agree", "proto", "bias")
 RULES = ("mad", "kmeans2", "threshold")
 MODES = ("drop", "soft")
 COLLAPSE_REFERENCES = ("prediction", "label")
@@ -283,6 +283,7 @@ def behaviour_scores(
             best_collapse = torch.where(better, collapse, best_collapse)
             best_target = torch.where(better, target, best_target)
     out: dict[str, Tensor] = {"collapse": best_collapse, "collapse_target": best_target}
+    out["bias"], out["bias_target"] = class_bias_scores(client_logits_clean, labels_clean)
 
     if teacher_logits_clean is not None:
         teacher_clean = teacher_logits_clean.to(device).float()
@@ -307,6 +308,27 @@ def behaviour_scores(
             )
         out["proto"] = prototype_deviation(client_feats_clean.to(device), labels_clean)
     return out
+
+
+def class_bias_scores(client_logits_clean: Tensor, labels_clean: Tensor) -> tuple[Tensor, Tensor]:
+    """``bias_i = max_c`` (share of the clean server rows of other classes that model i predicts as c).
+
+    A backdoor whose trigger the server images already carry (a Blend trigger is a noise overlay, and
+    teacher-inversion images are noise-like) shows up on the *clean* rows, where the flip-based
+    ``collapse`` has nothing to compare against: the Blend-backdoored CIFAR-10 client model of
+    benchmarks/README.md sends 91 % of the other classes' clean synthetic rows to its target, a benign
+    client 45 %, the global model 6 %. Label skew raises it too (a client predicts its majority class
+    more), so it is only meaningful relative to the other clients (robust z). Returns ``(bias, target)``.
+    """
+    pred = client_logits_clean.argmax(-1)  # [K, N]
+    num_classes = client_logits_clean.shape[-1]
+    labels = labels_clean.to(pred.device).long()
+    classes = torch.arange(num_classes, device=pred.device)
+    hit = pred[:, :, None] == classes[None, None, :]  # [K, N, C]
+    other = labels[:, None] != classes[None, :]  # [N, C]
+    share = (hit & other[None]).sum(1).float() / other.sum(0).clamp(min=1).float()[None]  # [K, C]
+    bias, target = share.max(dim=1)
+    return bias, target
 
 
 # --------------------------------------------------------------------------- combination
@@ -410,7 +432,7 @@ class ScreeningDecision:
                 row["target"] = int(self.targets[i])
             if self.round_combined is not None and not torch.equal(self.round_combined, self.combined):
                 row["round_score"] = float(self.round_combined[i])
-            row.update({m: float(v[i]) for m, v in self.scores.items() if m != "collapse_target"})
+            row.update({m: float(v[i]) for m, v in self.scores.items() if m not in ("collapse_target", "bias_target")})
             row.update({f"z_{m}": float(v[i]) for m, v in self.z.items()})
             rows.append(row)
         return rows

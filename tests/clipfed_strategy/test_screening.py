@@ -333,3 +333,29 @@ def test_history_averages_each_clients_score_over_rounds():
         screen(scores, {"collapse": 1.0}, prior=prior, history=1.0)
     with pytest.raises(ScreeningError, match="prior has 2 entries for 8 clients"):
         screen(scores, {"collapse": 1.0}, prior=[None, 1.0], history=0.5)
+
+
+def test_class_bias_by_hand_and_as_a_weighted_metric():
+    from clipfed_strategy.screening import class_bias_scores
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    preds = torch.tensor([
+        [0, 0, 1, 1, 2, 2, 3, 3],  # perfect: bias 0
+        [0, 0, 0, 1, 2, 2, 3, 0],  # 2 of the 6 non-class-0 rows sent to 0: 1/3
+        [0, 0, 0, 0, 0, 0, 3, 3],  # a backdoor the clean rows already trigger: 4/6 onto 0
+    ])
+    bias, target = class_bias_scores(_logits_from_preds(preds), labels)
+    torch.testing.assert_close(bias, torch.tensor([0.0, 1 / 3, 2 / 3]))
+    assert target[1:].tolist() == [0, 0]
+    # behaviour_scores reports it; a weight makes it count in the decision
+    k = 8
+    preds = torch.stack([LABELS] * (k - 1) + [torch.where(LABELS == 3, 3, 0)])
+    for i in range(k - 1):  # mild, different per-client skews
+        preds[i, i] = (int(LABELS[i]) + 1) % C
+    clean = _logits_from_preds(preds)
+    scores = behaviour_scores(clean, LABELS, clean, LABELS, aug_source=torch.arange(len(LABELS)))
+    assert float(scores["collapse"][-1]) == 0.0 and float(scores["bias"][-1]) == pytest.approx(2 / 3)  # 10 of 15
+    assert not screen(scores, {"collapse": 1.0}, min_collapse=0.0).flagged.any()
+    flagged = screen(scores, {"collapse": 1.0, "bias": 1.0}, min_collapse=0.0).flagged
+    assert flagged.tolist() == [False] * (k - 1) + [True]
+    assert "bias" in screen(scores, {"collapse": 1.0}).records()[0] and "bias_target" not in screen(scores, {"collapse": 1.0}).records()[0]
