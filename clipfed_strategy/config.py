@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from clipfed_strategy.distillation import DistillConfig
-from clipfed_strategy.screening import COLLAPSE_REFERENCES, METRICS, MODES, RULES
+from clipfed_strategy.screening import COLLAPSE_REFERENCES, COMBINE_MODES, METRICS, MODES, RULES
 from clipfed_strategy.trigger_inversion import InversionConfig
 from clipfed_strategy.validation import ValidationConfig
 
@@ -34,6 +34,8 @@ class ScreeningConfig:
         Metric weights in the combined score (0 = off). ``collapse`` is the Non-IID-robust one;
         ``bias`` (:func:`clipfed_strategy.screening.class_bias_scores`) sees backdoors whose trigger the
         synthetic images already carry (Blend on noise-like images).
+    combine : {"mean", "max"}, default "mean"
+        Combined score: weighted mean of the metrics' robust z-scores, or their (weight-scaled) maximum.
     T : float, default 1.0
         Temperature of the client/teacher softmax in ``kl``.
     soft_collapse : bool, default False
@@ -69,6 +71,7 @@ class ScreeningConfig:
     w_agree: float = 0.0
     w_proto: float = 0.0
     w_bias: float = 0.0
+    combine: str = "mean"
     T: float = 1.0
     soft_collapse: bool = False
     collapse_ref: str = "prediction"
@@ -88,6 +91,8 @@ class ScreeningConfig:
     chunk_size: int = 16
 
     def __post_init__(self) -> None:
+        if self.combine not in COMBINE_MODES:
+            raise CLIPFedConfigError(f"screen-combine is {self.combine!r}; allowed values: {', '.join(COMBINE_MODES)}")
         if self.rule not in RULES:
             raise CLIPFedConfigError(f"screen-rule is {self.rule!r}; allowed values: {', '.join(RULES)}")
         if self.collapse_ref not in COLLAPSE_REFERENCES:

@@ -342,8 +342,13 @@ def robust_z(scores: Tensor, eps: float = 1e-6) -> Tensor:
     return (s - med) / (MAD_SCALE * mad + eps)
 
 
-def combine(scores: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    """Weighted mean Σ_m w_m·x_m / Σ_m w_m over the metrics with weight > 0.
+COMBINE_MODES = ("mean", "max")
+
+
+def combine(scores: Mapping[str, Tensor], weights: Mapping[str, float], how: str = "mean") -> Tensor:
+    """Weighted mean Σ_m w_m·x_m / Σ_m w_m over the metrics with weight > 0 (``how="mean"``), or
+    the largest of (w_m / max_m' w_m')·x_m (``how="max"``: a metric that sees one attack is not
+    diluted by the metrics that do not).
 
     Raises
     ------
@@ -361,6 +366,11 @@ def combine(scores: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tenso
             f"metric(s) {missing} have weight > 0 but were not computed (available: "
             f"{sorted(scores)}); kl/agree need teacher logits, proto needs features"
         )
+    if how not in COMBINE_MODES:
+        raise ScreeningError(f"screen.combine must be one of {COMBINE_MODES}, got {how!r}")
+    if how == "max":
+        top = max(used.values())
+        return torch.stack([(w / top) * scores[m].float() for m, w in used.items()]).max(dim=0).values
     total = sum(used.values())
     return sum(w * scores[m].float() for m, w in used.items()) / total
 
@@ -633,6 +643,7 @@ def screen(
     z_eps: float = 1e-6,
     prior: Sequence[float | None] | None = None,
     history: float = 0.0,
+    combine_how: str = "mean",
     **decide_kwargs,
 ) -> ScreeningDecision:
     """Scores → combined score → decision, in one call (what the Flower adapters use).
@@ -657,6 +668,8 @@ def screen(
         is S' (store it as the next round's prior) and ``decision.round_combined`` this round's S.
     history : float, default 0.0
         β in [0, 1); 0 = every round is judged alone.
+    combine_how : {"mean", "max"}, default "mean"
+        How the metrics are combined (:func:`combine`).
     **decide_kwargs
         Passed to :func:`decide` (``z_thr``, ``min_collapse``, ``num_examples``, ...).
     """
@@ -666,10 +679,10 @@ def screen(
         if reference is None:
             raise ScreeningError('screen.decision="threshold" needs the reference (global) scores')
         excess = {m: scores[m].float() - float(reference[m]) for m in used if m in scores}
-        combined = combine(excess, weights)
+        combined = combine(excess, weights, combine_how)
         contributions = excess
     else:
-        combined = combine(z, weights)
+        combined = combine(z, weights, combine_how)
         contributions = {m: z[m] for m in z}
     round_combined = combined
     if not 0.0 <= history < 1.0:

@@ -175,6 +175,10 @@ def test_combine_weighted_mean_and_errors():
         combine(z, {"collapse": 0.0})
     with pytest.raises(ScreeningError, match=">= 0"):
         combine(z, {"collapse": -1.0})
+    # max: each metric scaled by w / max w, then the largest (kl's 4.0 counts half)
+    assert combine(z, {"collapse": 1.0, "kl": 0.5}, how="max").tolist() == pytest.approx([2.0, 3.0])
+    with pytest.raises(ScreeningError, match="screen.combine must be one of"):
+        combine(z, {"collapse": 1.0}, how="median")
 
 
 def test_decide_rules_and_fail_safes():
