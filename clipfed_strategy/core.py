@@ -202,7 +202,7 @@ class CLIPFedDefense:
         """Logits ``[K, N, C]`` (and features) of K client models on the whole server dataset (or ``x``)."""
         cfg = self.config.screen
         x = self.x if x is None else x
-        per_model = [{k: torch.from_numpy(np.asarray(s[k])) for k in self.param_names} for s in states]
+        per_model = [self._torch_state(s) for s in states]
         feature_module = self.config.feature_module or None
         if cfg.batched and resolve_method(self.eval_method, self.device) == "vmap":
             stacked = stack_states(per_model, device=self.device)
@@ -213,6 +213,18 @@ class CLIPFedDefense:
         return looped_logits_and_features(self.template, per_model, x, feature_module=feature_module,
                                           return_features=need_features)
 
+    def _torch_state(self, state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A reply's (or the global model's) numpy state as CPU tensors, in the model's key order."""
+        return {k: torch.from_numpy(np.asarray(state[k])) for k in self.param_names}
+
+    def _logits_with_probes(self, states: Sequence[Mapping[str, np.ndarray]], need_features: bool,
+                            probes) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``client_logits`` on the server rows, then (with ``probes``) on the bank's stamped rows after them."""
+        logits, feats = self.client_logits(states, need_features)
+        if probes is not None:
+            logits = torch.cat([logits, self.client_logits(states, False, x=probes[0])[0]], dim=1)
+        return logits, feats
+
     def screen(self, server_round: int, global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> ScreeningOutcome:
         """Score every client model's behaviour on the server dataset and decide weights."""
         t0 = time.perf_counter()
@@ -222,10 +234,8 @@ class CLIPFedDefense:
         if not cfg.enabled or not updates:
             return ScreeningOutcome(n, [False] * len(updates), [{} for _ in updates], states, False, time.perf_counter() - t0)
         need_feats = cfg.w_proto > 0
-        logits, feats = self.client_logits(states, need_feats)
         probes = self._bank_probes() if self.config.invert.enabled and self.config.invert.screen else None
-        if probes is not None:  # the bank's stamped rows come after the server rows
-            logits = torch.cat([logits, self.client_logits(states, False, x=probes[0])[0]], dim=1)
+        logits, feats = self._logits_with_probes(states, need_feats, probes)
         # A model with NaN/Inf outputs on the server set (e.g. negative BatchNorm variances) is broken
         # whatever the statistics say; its scores would also turn every robust z-score into NaN.
         finite = torch.isfinite(logits).flatten(1).all(1)
@@ -242,9 +252,7 @@ class CLIPFedDefense:
             scores = self._scores(logits[ok], None if feats is None else feats[ok], probes)
             reference = None
             if cfg.rule == "threshold":
-                g_logits, g_feats = self.client_logits([global_state], need_feats)
-                if probes is not None:
-                    g_logits = torch.cat([g_logits, self.client_logits([global_state], False, x=probes[0])[0]], dim=1)
+                g_logits, g_feats = self._logits_with_probes([global_state], need_feats, probes)
                 reference = {m: v[0] for m, v in self._scores(g_logits, g_feats, probes).items()}
             prior = [self.score_history.get(updates[i].client_id) for i in ok] if cfg.history > 0 else None
             decision = screen(
@@ -284,12 +292,11 @@ class CLIPFedDefense:
         if self._inversion_models is None:
             self._inversion_models = (copy.deepcopy(self.template).eval(), copy.deepcopy(self.template).eval())
         suspect, reference = self._inversion_models
-        reference.load_state_dict({k: torch.as_tensor(np.asarray(global_state[k])).to(self.device) for k in self.param_names})
+        reference.load_state_dict(self._torch_state(global_state))
         results = []
         for i in candidates:
             target = int(records[i]["target"])
-            suspect.load_state_dict({k: torch.as_tensor(np.asarray(updates[i].state[k])).to(self.device)
-                                     for k in self.param_names})
+            suspect.load_state_dict(self._torch_state(updates[i].state))
             try:
                 trig = invert_trigger(suspect, xc, yc, target, icfg, seed=self.config.seed * 7919 + server_round * 31 + len(results),
                                       reference=reference)

@@ -283,7 +283,7 @@ def behaviour_scores(
             best_collapse = torch.where(better, collapse, best_collapse)
             best_target = torch.where(better, target, best_target)
     out: dict[str, Tensor] = {"collapse": best_collapse, "collapse_target": best_target}
-    out["bias"], out["bias_target"] = class_bias_scores(client_logits_clean, labels_clean)
+    out["bias"] = class_bias_scores(client_logits_clean, labels_clean)[0]
 
     if teacher_logits_clean is not None:
         teacher_clean = teacher_logits_clean.to(device).float()
@@ -431,6 +431,7 @@ class ScreeningDecision:
     def records(self) -> list[dict]:
         """One JSON-friendly dict per client (score, flag, weight, target, reason, metrics)."""
         rows = []
+        smoothed = self.round_combined is not None and not torch.equal(self.round_combined, self.combined)
         for i in range(self.combined.shape[0]):
             row = {
                 "score": float(self.combined[i]),
@@ -440,9 +441,9 @@ class ScreeningDecision:
             }
             if self.targets is not None:
                 row["target"] = int(self.targets[i])
-            if self.round_combined is not None and not torch.equal(self.round_combined, self.combined):
+            if smoothed:
                 row["round_score"] = float(self.round_combined[i])
-            row.update({m: float(v[i]) for m, v in self.scores.items() if m not in ("collapse_target", "bias_target")})
+            row.update({m: float(v[i]) for m, v in self.scores.items() if m != "collapse_target"})
             row.update({f"z_{m}": float(v[i]) for m, v in self.z.items()})
             rows.append(row)
         return rows

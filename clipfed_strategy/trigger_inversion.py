@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -135,7 +135,6 @@ class Trigger:
     ref_flip_rate: float = 0.0  # the same share on the reference model
     round: int = 0
     client: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mask_mean(self) -> float:

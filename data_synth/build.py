@@ -70,14 +70,19 @@ def build_key(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _generation_config(config: dict) -> dict:
+    """``config`` without the frequency augmentation, JSON-normalised (what decides the clean images)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k != "faug"}, default=str))
+
+
 def _clean_from_sibling(out_dir: Path, config: dict) -> tuple[ServerDataset, Path] | None:
-    """The clean rows of a complete dataset at or next to ``out_dir`` whose build config equals
-    ``config`` in everything but the frequency augmentation (``faug``), or ``None``.
+    """A complete dataset at or next to ``out_dir`` whose build config equals ``config`` in everything
+    but the frequency augmentation (``faug``), and its directory; or ``None``.
 
     Generation is the slow part of a build (minutes to hours); changing the augmentation families
-    or their parameters must not repeat it.
+    or their parameters must not repeat it: the caller re-augments this dataset's clean rows.
     """
-    want = {k: v for k, v in config.items() if k != "faug"}
+    want = _generation_config(config)
     parent = out_dir.parent
     if not parent.is_dir():
         return None
@@ -91,23 +96,12 @@ def _clean_from_sibling(out_dir: Path, config: dict) -> tuple[ServerDataset, Pat
         except (OSError, json.JSONDecodeError):
             continue
         other = meta.get("build_config")
-        if not meta.get("complete") or not isinstance(other, dict):
-            continue
-        if json.loads(json.dumps({k: v for k, v in other.items() if k != "faug"}, default=str)) != \
-                json.loads(json.dumps(want, default=str)):
+        if not meta.get("complete") or not isinstance(other, dict) or _generation_config(other) != want:
             continue
         try:
-            ds = ServerDataset.load(manifest.parent)
+            return ServerDataset.load(manifest.parent), manifest.parent
         except ServerDatasetError as e:
             log.warning("cannot reuse the clean images of %s (%s)", manifest.parent, e)
-            continue
-        keep = ds.variants == 0
-        n = int(keep.sum())
-        clean_meta = {k: v for k, v in ds.meta.items() if k not in ("build", "faug", "content_hash", "num_images",
-                                                                      "resolution", "channels", "subset")}
-        clean = ServerDataset(ds.images[keep], ds.labels[keep], np.zeros(n, np.int64), np.arange(n, dtype=np.int64),
-                              list(ds.class_names), ["clean"], clean_meta)
-        return clean, manifest.parent
     return None
 
 
@@ -286,11 +280,15 @@ def build_server_dataset(
             return ds
         reused = _clean_from_sibling(out_dir, config)
         if reused is not None:  # same generation, teacher and filter: only the augmentation differs
-            clean, source = reused
-            meta = {**clean.meta, "build_key": key, "build_config": config,
-                    "clean_images_from": {"path": str(source), "build_key": clean.meta.get("build_key")}}
-            clean = ServerDataset(clean.images, clean.labels, clean.variants, clean.source_index,
-                                  clean.class_names, ["clean"], meta)
+            previous, source = reused
+            keep = previous.variants == 0
+            n = int(keep.sum())
+            meta = {k: v for k, v in previous.meta.items()
+                    if k not in ("build", "faug", "content_hash", "num_images", "resolution", "channels", "subset")}
+            meta.update(build_key=key, build_config=config,
+                        clean_images_from={"path": str(source), "build_key": previous.meta.get("build_key")})
+            clean = ServerDataset(previous.images[keep], previous.labels[keep], np.zeros(n, np.int64),
+                                  np.arange(n, dtype=np.int64), list(previous.class_names), ["clean"], meta)
             ds = augment_dataset(clean, ops, faug_copies, faug_params, seed)
             ds.meta["build"] = {"seconds": round(time.time() - t0, 1), "chunks": 0, "device": "cpu",
                                 "reused_clean_images": True}
