@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        overrides = parse_overrides(args.overrides)
+        overrides = parse_overrides(args.overrides, known=default_run_config())
     except ValueError as err:
         p.error(str(err))
     try:

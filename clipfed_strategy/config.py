@@ -48,6 +48,11 @@ class ScreeningConfig:
     z_thr, gap, abs_thr : float, defaults 3.0, 1.0, 0.2
     min_collapse : float, default 0.15
         A client is only flagged when its collapse also exceeds this absolute value.
+    collapse_min_scale : float, default 0.0
+        Lower bound on the spread (1.4826·MAD) that ``collapse`` z-scores divide by. A flip rate
+        measured on a few hundred rows has a sampling error of ≈ 0.015, so in a round where the
+        clients' rates happen to agree closely, differences of 0.03–0.05 would otherwise become
+        z-scores of 3–6 (the CIFAR-10 config's benign rejections, benchmarks/README.md). 0 = plain MAD.
     max_reject_frac : float, default 0.5
     min_kept, min_clients : int, defaults 1, 3
     history : float, default 0.0
@@ -80,6 +85,7 @@ class ScreeningConfig:
     gap: float = 1.0
     abs_thr: float = 0.2
     min_collapse: float = 0.15
+    collapse_min_scale: float = 0.0
     max_reject_frac: float = 0.5
     min_kept: int = 1
     min_clients: int = 3
@@ -105,6 +111,8 @@ class ScreeningConfig:
             raise CLIPFedConfigError(f"screen-clip-norm is {self.clip_norm!r}; allowed values: none, median")
         if self.soft_beta <= 0:
             raise CLIPFedConfigError(f"screen-soft-beta must be > 0, got {self.soft_beta}")
+        if self.collapse_min_scale < 0:
+            raise CLIPFedConfigError(f"screen-collapse-min-scale must be >= 0, got {self.collapse_min_scale}")
         if not 0 <= self.history < 1:
             raise CLIPFedConfigError(f"screen-history must lie in [0, 1), got {self.history}")
         if not 0 <= self.max_reject_frac <= 1:

@@ -334,12 +334,16 @@ def class_bias_scores(client_logits_clean: Tensor, labels_clean: Tensor) -> tupl
 # --------------------------------------------------------------------------- combination
 
 
-def robust_z(scores: Tensor, eps: float = 1e-6) -> Tensor:
-    """Robust z-score (s − median) / (1.4826·MAD + eps) over the K entries of ``scores``."""
+def robust_z(scores: Tensor, eps: float = 1e-6, min_scale: float = 0.0) -> Tensor:
+    """Robust z-score (s − median) / (max(1.4826·MAD, min_scale) + eps) over the K entries of ``scores``.
+
+    ``min_scale`` keeps differences smaller than the metric's own measurement noise from turning into
+    large z-scores when the clients happen to agree closely in a round (tiny MAD).
+    """
     s = scores.float()
     med = s.quantile(0.5)
     mad = (s - med).abs().quantile(0.5)
-    return (s - med) / (MAD_SCALE * mad + eps)
+    return (s - med) / ((MAD_SCALE * mad).clamp_min(float(min_scale)) + eps)
 
 
 COMBINE_MODES = ("mean", "max")
@@ -645,6 +649,7 @@ def screen(
     prior: Sequence[float | None] | None = None,
     history: float = 0.0,
     combine_how: str = "mean",
+    min_scale: Mapping[str, float] | None = None,
     **decide_kwargs,
 ) -> ScreeningDecision:
     """Scores → combined score → decision, in one call (what the Flower adapters use).
@@ -671,11 +676,17 @@ def screen(
         β in [0, 1); 0 = every round is judged alone.
     combine_how : {"mean", "max"}, default "mean"
         How the metrics are combined (:func:`combine`).
+    min_scale : mapping metric -> float, or None
+        Lower bound on each metric's robust spread (``min_scale`` of :func:`robust_z`); metrics
+        not named use the plain MAD.
     **decide_kwargs
         Passed to :func:`decide` (``z_thr``, ``min_collapse``, ``num_examples``, ...).
     """
     used = [m for m, w in weights.items() if float(w) != 0.0]
-    z = {m: robust_z(scores[m], z_eps) for m in used if m in scores}
+    floors = dict(min_scale or {})
+    if any(float(v) < 0 for v in floors.values()):
+        raise ScreeningError(f"minimum metric scales must be >= 0, got {floors}")
+    z = {m: robust_z(scores[m], z_eps, float(floors.get(m, 0.0))) for m in used if m in scores}
     if rule == "threshold":
         if reference is None:
             raise ScreeningError('screen.decision="threshold" needs the reference (global) scores')

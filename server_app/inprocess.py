@@ -114,12 +114,26 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` command-line run-config overrides (values as TOML scalars)."""
+def parse_overrides(args: list[str], known: Iterable[str] | None = None) -> dict[str, Any]:
+    """``["key=value", ...]`` command-line run-config overrides (values as TOML scalars).
+
+    With ``known`` (the run-config keys), a key outside it is an error naming the closest known keys,
+    instead of a setting that is silently ignored.
+    """
+    import difflib
+
     bad = [a for a in args if "=" not in a]
     if bad:
         raise ValueError(f"arguments must be run-config key=value pairs, got {bad}")
-    return {k: _parse_value(v) for k, v in (a.split("=", 1) for a in args)}
+    overrides = {k: _parse_value(v) for k, v in (a.split("=", 1) for a in args)}
+    if known is not None:
+        known = list(known)
+        for key in overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"unknown run-config key {key!r} (see [tool.flwr.app.config] in pyproject.toml){hint}")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(main.__doc__)
         return 0
     try:
-        overrides = parse_overrides(args)
+        overrides = parse_overrides(args, known=default_run_config())
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2

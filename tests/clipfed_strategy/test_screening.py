@@ -166,6 +166,26 @@ def test_robust_z_matches_numpy():
     assert robust_z(s).tolist() == pytest.approx(want.tolist(), rel=1e-4)
 
 
+def test_min_scale_stops_tiny_spreads_becoming_large_z():
+    # eight benign flip rates that agree to within ±0.005 this round, one at 0.10: MAD z ≈ 6
+    s = torch.tensor([0.060, 0.062, 0.058, 0.061, 0.059, 0.060, 0.063, 0.100])
+    plain = screen({"collapse": s}, {"collapse": 1.0}, z_thr=2.0, min_collapse=0.0)
+    assert plain.flagged.tolist() == [False] * 7 + [True]
+    med = float(s.quantile(0.5))
+    z = robust_z(s, min_scale=0.03)
+    assert z.tolist() == pytest.approx(((s - med) / (0.03 + 1e-6)).tolist(), rel=1e-5)  # floor used: 1.4826·MAD < 0.03
+    floored = screen({"collapse": s}, {"collapse": 1.0}, z_thr=2.0, min_collapse=0.0, min_scale={"collapse": 0.03})
+    assert not bool(floored.flagged.any())  # (0.100 − 0.0605) / 0.03 = 1.3 < 2
+    # a clear outlier is still flagged, and a spread above the floor leaves the z-scores unchanged
+    s2 = s.clone(); s2[7] = 0.25
+    assert screen({"collapse": s2}, {"collapse": 1.0}, z_thr=2.0, min_collapse=0.0,
+                  min_scale={"collapse": 0.03}).flagged.tolist() == [False] * 7 + [True]
+    wide = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9])
+    assert robust_z(wide, min_scale=0.03).tolist() == pytest.approx(robust_z(wide).tolist())
+    with pytest.raises(ScreeningError, match="minimum metric scales"):
+        screen({"collapse": s}, {"collapse": 1.0}, min_scale={"collapse": -1.0})
+
+
 def test_combine_weighted_mean_and_errors():
     z = {"collapse": torch.tensor([1.0, 3.0]), "kl": torch.tensor([4.0, 0.0])}
     assert combine(z, {"collapse": 1.0, "kl": 0.5, "agree": 0.0}).tolist() == pytest.approx([2.0, 2.0])

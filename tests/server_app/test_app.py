@@ -94,3 +94,7 @@ def test_inprocess_command_line(results_dir, capsys):
     assert metrics["config"]["attack"] == "none" and metrics["config"]["num-server-rounds"] == 1
     assert "results in" in out and len([ln for ln in out.splitlines() if ln.strip().startswith("1 ")]) == 1
     assert main(["num-clients"]) == 2 and "key=value" in capsys.readouterr().err
+    # a misspelt key is refused before anything runs (it would otherwise be silently ignored)
+    assert main(["out-dir=x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown run-config key 'out-dir'" in err and "results-dir" in err
