@@ -98,3 +98,16 @@ def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec
     full = TriggerSpec(**{**spec.__dict__, "kind": "badnets" if spec.kind == "dba" else spec.kind})
     xt = apply_trigger(x[keep], full)
     return float((predict(model, xt) == spec.target).float().mean())
+
+
+@torch.no_grad()
+def clean_target_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TriggerSpec) -> float:
+    """The ASR's floor: share of the same non-target inputs, *without* the trigger, that land on the target.
+
+    A model with no backdoor still sends some of its errors to the target class (a CIFAR-10 model at
+    54 % accuracy: 2-6 %), so an ASR is only evidence of a backdoor by how far it exceeds this rate.
+    """
+    keep = y != spec.target
+    if not bool(keep.any()):
+        return float("nan")
+    return float((predict(model, x[keep]) == spec.target).float().mean())

@@ -17,7 +17,7 @@ from fltask.attacks import (
     project_to_ball,
 )
 from fltask.config import parse_run_config
-from fltask.training import attack_success_rate
+from fltask.training import attack_success_rate, clean_target_rate
 
 
 def spec(kind="badnets", size=3, position="bottom-right", pattern="checkerboard", alpha=0.2, parts=4, target=0):
@@ -175,6 +175,19 @@ def test_dba_asr_uses_the_full_trigger():
     assert attack_success_rate(FullPatchDetector(s), x, y, s) == 1.0
     one_piece = apply_trigger(x, s, 0)
     assert (FullPatchDetector(s)(one_piece).argmax(1) == 0).sum() == 0
+
+
+def test_clean_target_rate_is_the_asr_floor():
+    x, y = labelled_images([10] * 10)
+    s = spec(size=4, target=0)
+    # errors that send labels 1..3 to the target with or without the trigger: ASR = its floor
+    low_to_target = LabelFromPixel(lambda lab: torch.where(lab <= 3, 0, lab))
+    assert clean_target_rate(low_to_target, x, y, s) == pytest.approx(30 / 90)
+    assert attack_success_rate(low_to_target, x, y, s) == pytest.approx(30 / 90)
+    # a real backdoor: the trigger sends everything to the target, clean inputs never go there
+    backdoor = FullPatchDetector(s)
+    assert attack_success_rate(backdoor, x, y, s) == 1.0 and clean_target_rate(backdoor, x, y, s) == 0.0
+
 
 
 # ---------------------------------------------------------------------------- update modifiers

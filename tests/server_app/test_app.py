@@ -41,7 +41,7 @@ def test_inprocess_federation_writes_all_results(results_dir):
     rounds = doc["rounds"]
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
     for r in rounds:
-        assert 0.0 <= r["ma"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
+        assert 0.0 <= r["ma"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 and 0.0 <= r["clean_target_rate"] <= 1.0
     for r in rounds[1:]:
         assert r["num_replies"] == 4
         assert r["attackers"] == [0]  # ground truth reached the metrics code
