@@ -40,6 +40,9 @@ class ScreeningConfig:
         Temperature of the client/teacher softmax in ``kl``.
     soft_collapse : bool, default False
         Mean probabilities instead of argmax counts in ``collapse``.
+    soft_bias : bool, default False
+        Mean probabilities (at ``T``) instead of argmax counts in ``bias``: a confident backdoor
+        scores above an early, unsure benign model that also puts most rows in one class.
     collapse_ref : {"prediction", "label"}, default "prediction"
         ``collapse`` compares a perturbed row's prediction with the model's own prediction on the
         clean source (robust when client models misclassify synthetic server images) or with the
@@ -79,6 +82,7 @@ class ScreeningConfig:
     combine: str = "mean"
     T: float = 1.0
     soft_collapse: bool = False
+    soft_bias: bool = False
     collapse_ref: str = "prediction"
     rule: str = "mad"
     z_thr: float = 3.0

@@ -343,7 +343,7 @@ class CLIPFedDefense:
             teacher_logits_clean=self.teacher_logits[c],
             teacher_logits_for_aug=self.teacher_logits[aug_src_rows],
             client_feats_clean=None if feats is None else feats[:, c],
-            T=cfg.T, soft=cfg.soft_collapse, aug_source=aug_pos, aug_groups=aug_groups,
+            T=cfg.T, soft=cfg.soft_collapse, soft_bias=cfg.soft_bias, aug_source=aug_pos, aug_groups=aug_groups,
             reference=cfg.collapse_ref,
         )
 

@@ -188,6 +188,7 @@ def behaviour_scores(
     aug_groups: Tensor | None = None,
     skew_discount: bool = True,
     reference: str = "prediction",
+    soft_bias: bool = False,
 ) -> dict[str, Tensor]:
     """Suspicion scores of K client models (higher = more suspicious).
 
@@ -283,7 +284,7 @@ def behaviour_scores(
             best_collapse = torch.where(better, collapse, best_collapse)
             best_target = torch.where(better, target, best_target)
     out: dict[str, Tensor] = {"collapse": best_collapse, "collapse_target": best_target}
-    out["bias"] = class_bias_scores(client_logits_clean, labels_clean)[0]
+    out["bias"] = class_bias_scores(client_logits_clean, labels_clean, soft=soft_bias, T=T)[0]
 
     if teacher_logits_clean is not None:
         teacher_clean = teacher_logits_clean.to(device).float()
@@ -310,7 +311,8 @@ def behaviour_scores(
     return out
 
 
-def class_bias_scores(client_logits_clean: Tensor, labels_clean: Tensor) -> tuple[Tensor, Tensor]:
+def class_bias_scores(client_logits_clean: Tensor, labels_clean: Tensor, soft: bool = False,
+                      T: float = 1.0) -> tuple[Tensor, Tensor]:
     """``bias_i = max_c`` (share of the clean server rows of other classes that model i predicts as c).
 
     A backdoor whose trigger the server images already carry (a Blend trigger is a noise overlay, and
@@ -318,15 +320,18 @@ def class_bias_scores(client_logits_clean: Tensor, labels_clean: Tensor) -> tupl
     ``collapse`` has nothing to compare against: the Blend-backdoored CIFAR-10 client model of
     benchmarks/README.md sends 91 % of the other classes' clean synthetic rows to its target, a benign
     client 45 %, the global model 6 %. Label skew raises it too (a client predicts its majority class
-    more), so it is only meaningful relative to the other clients (robust z). Returns ``(bias, target)``.
+    more), so it is only meaningful relative to the other clients (robust z). With ``soft`` the share
+    of top-1 predictions becomes the mean probability (softmax at temperature ``T``) given to c, so a
+    confidently backdoored model scores higher than an early, unsure model that also puts most rows in
+    one class. Returns ``(bias, target)``.
     """
-    pred = client_logits_clean.argmax(-1)  # [K, N]
-    num_classes = client_logits_clean.shape[-1]
-    labels = labels_clean.to(pred.device).long()
-    classes = torch.arange(num_classes, device=pred.device)
-    hit = pred[:, :, None] == classes[None, None, :]  # [K, N, C]
-    other = labels[:, None] != classes[None, :]  # [N, C]
-    share = (hit & other[None]).sum(1).float() / other.sum(0).clamp(min=1).float()[None]  # [K, C]
+    logits = client_logits_clean.float()
+    num_classes = logits.shape[-1]
+    labels = labels_clean.to(logits.device).long()
+    mass = _class_mass(logits, soft, T)  # [K, N, C]
+    classes = torch.arange(num_classes, device=logits.device)
+    other = (labels[:, None] != classes[None, :]).float()  # [N, C]
+    share = torch.einsum("knc,nc->kc", mass, other) / other.sum(0).clamp(min=1.0)[None]  # [K, C]
     bias, target = share.max(dim=1)
     return bias, target
 

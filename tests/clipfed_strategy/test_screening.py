@@ -383,3 +383,22 @@ def test_class_bias_by_hand_and_as_a_weighted_metric():
     flagged = screen(scores, {"collapse": 1.0, "bias": 1.0}, min_collapse=0.0).flagged
     assert flagged.tolist() == [False] * (k - 1) + [True]
     assert "bias" in screen(scores, {"collapse": 1.0}).records()[0] and "bias_target" not in screen(scores, {"collapse": 1.0}).records()[0]
+
+
+def test_soft_bias_separates_a_confident_backdoor_from_an_unsure_collapse():
+    from clipfed_strategy.screening import class_bias_scores
+
+    labels = torch.tensor([0, 1, 1, 2, 2, 3, 3])  # 6 rows whose label is not 0
+    unsure = torch.zeros(7, 4)
+    unsure[:, 0] = 0.5  # an early benign model: every row top-1 class 0, but p(0) = e^.5 / (e^.5 + 3) ≈ 0.35
+    confident = torch.zeros(7, 4)
+    confident[:, 0] = 8.0  # a backdoored model that fires on the clean rows: p(0) ≈ 0.999
+    logits = torch.stack([unsure, confident])
+    hard, _ = class_bias_scores(logits, labels)
+    torch.testing.assert_close(hard, torch.tensor([1.0, 1.0]))  # top-1 shares cannot tell them apart
+    soft, target = class_bias_scores(logits, labels, soft=True)
+    p = lambda a: math.exp(a) / (math.exp(a) + 3)
+    assert soft.tolist() == pytest.approx([p(0.5), p(8.0)], rel=1e-5) and target.tolist() == [0, 0]
+    # behaviour_scores passes the switch through
+    scores = behaviour_scores(logits, labels, logits, labels, aug_source=torch.arange(7), soft_bias=True)
+    torch.testing.assert_close(scores["bias"], soft)

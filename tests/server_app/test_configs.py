@@ -28,3 +28,31 @@ def test_config_keys_are_known_and_valid(path, tmp_path):
     merged = {**defaults, **overrides}
     parse_run_config(merged)
     CLIPFedConfig.from_run_config(merged)
+
+
+def test_every_clipfed_setting_is_a_run_config_key():
+    """Each field of the CLIP-Fed settings has its key in pyproject.toml (so `--run-config` and the
+    in-process CLI can set it), with the dataclass default as its value."""
+    import dataclasses
+
+    from clipfed_strategy.config import ScreeningConfig
+    from clipfed_strategy.distillation import DistillConfig
+    from clipfed_strategy.trigger_inversion import InversionConfig
+    from clipfed_strategy.validation import ValidationConfig
+
+    defaults = default_run_config()
+    missing, differ = [], []
+    for prefix, dc in (("screen-", ScreeningConfig), ("distill-", DistillConfig), ("invert-", InversionConfig),
+                       ("validate-", ValidationConfig)):
+        for f in dataclasses.fields(dc):
+            key = prefix + f.name.replace("_", "-")
+            key = key.replace("-batch-size", "-batch")  # the alias CLIPFedConfig.from_run_config reads
+            if key not in defaults:
+                missing.append(key)
+            elif not isinstance(f.default, dataclasses._MISSING_TYPE) and isinstance(f.default, (bool, int, float, str)):
+                if defaults[key] != f.default:
+                    differ.append((key, defaults[key], f.default))
+    assert not missing, f"settings without a run-config key in pyproject.toml: {missing}"
+    assert not differ, f"pyproject.toml values that differ from the code defaults: {differ}"
+    # and every pyproject value is accepted as it is
+    CLIPFedConfig.from_run_config(defaults)
