@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "sds-images-per-class": 100,
     "sds-min-conf": 0.5,
     "sds-max-per-class": 0,
-    "faug-ops": "hf-noise,lf-blend,patch-tl,patch-tr,patch-bl,patch-br,patch-center",
+    "faug-ops": "hf-noise,lf-blend,patch-tl,patch-tr,patch-bl,patch-br",
     "faug-copies": 1,
     "clipfed-inner": "fedavg",
 }
