@@ -76,6 +76,9 @@ class FlwrSession:
                 "RAY_ADDRESS": "local",
                 "PYTHONUNBUFFERED": "1",
                 MARKER: self.token,
+                # `flwr run` starts `flower-superlink` from PATH: put the environment's scripts first, so the
+                # tests also work when run as `.venv/bin/python -m pytest` without activating the venv
+                "PATH": os.pathsep.join([str(Path(flwr_executable()).parent), env.get("PATH", "")]),
             }
         )
         return env
