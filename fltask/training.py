@@ -81,9 +81,10 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
 
 
 @torch.no_grad()
-def main_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """MA: top-1 accuracy on clean inputs."""
-    return float((predict(model, x) == y).float().mean())
+def main_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor | None = None) -> float:
+    """MA: top-1 accuracy on clean inputs (``pred``: the model's predictions on ``x``, if already computed)."""
+    pred = predict(model, x) if pred is None else pred
+    return float((pred == y).float().mean())
 
 
 @torch.no_grad()
@@ -101,13 +102,16 @@ def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec
 
 
 @torch.no_grad()
-def clean_target_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TriggerSpec) -> float:
+def clean_target_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TriggerSpec,
+                      pred: torch.Tensor | None = None) -> float:
     """The ASR's floor: share of the same non-target inputs, *without* the trigger, that land on the target.
 
     A model with no backdoor still sends some of its errors to the target class (a CIFAR-10 model at
     54 % accuracy: 2-6 %), so an ASR is only evidence of a backdoor by how far it exceeds this rate.
+    ``pred``: the model's predictions on ``x``, if already computed (the MA pass).
     """
     keep = y != spec.target
     if not bool(keep.any()):
         return float("nan")
-    return float((predict(model, x[keep]) == spec.target).float().mean())
+    pred = predict(model, x) if pred is None else pred
+    return float((pred[keep] == spec.target).float().mean())

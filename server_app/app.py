@@ -18,7 +18,7 @@ from fltask.datasets import load_task_data
 from fltask.models import build_model
 from fltask.partition import make_split
 from fltask.results import RunRecorder, detection_rates
-from fltask.training import attack_success_rate, clean_target_rate, main_accuracy, to_tensor
+from fltask.training import attack_success_rate, clean_target_rate, main_accuracy, predict, to_tensor
 from server_app.loop import CHECKPOINT, run_rounds, wait_for_nodes
 from server_app.recording_grid import RecordingGrid
 from server_app.strategies import build_strategy
@@ -58,10 +58,12 @@ class RoundReporter:
         t_eval = time.perf_counter()
         seconds_server = (t_eval - self.grid.last_return) if server_round > 0 and self.grid.last_return else 0.0
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        ma = main_accuracy(self.model, self.x_test, self.y_test)
+        pred = predict(self.model, self.x_test)  # one clean pass for MA and the ASR's floor
+        ma = main_accuracy(self.model, self.x_test, self.y_test, pred=pred)
         asr = attack_success_rate(self.model, self.x_test, self.y_test, self.spec)
         entry: dict[str, Any] = {"round": server_round, "ma": ma, "asr": asr,
-                                 "clean_target_rate": clean_target_rate(self.model, self.x_test, self.y_test, self.spec)}
+                                 "clean_target_rate": clean_target_rate(self.model, self.x_test, self.y_test, self.spec,
+                                                                        pred=pred)}
         if server_round > 0:
             replies = self.grid.last_replies
             losses = [(r["train_loss"], r["num_examples"] or 0) for r in replies.values() if r["train_loss"] is not None]

@@ -9,6 +9,7 @@ error, and a ``reply_hook`` may rewrite replies (hostile-client tests).
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import tomllib
 from collections.abc import Callable, Iterable
@@ -120,8 +121,6 @@ def parse_overrides(args: list[str], known: Iterable[str] | None = None) -> dict
     With ``known`` (the run-config keys), a key outside it is an error naming the closest known keys,
     instead of a setting that is silently ignored.
     """
-    import difflib
-
     bad = [a for a in args if "=" not in a]
     if bad:
         raise ValueError(f"arguments must be run-config key=value pairs, got {bad}")

@@ -184,6 +184,8 @@ def test_clean_target_rate_is_the_asr_floor():
     low_to_target = LabelFromPixel(lambda lab: torch.where(lab <= 3, 0, lab))
     assert clean_target_rate(low_to_target, x, y, s) == pytest.approx(30 / 90)
     assert attack_success_rate(low_to_target, x, y, s) == pytest.approx(30 / 90)
+    # predictions passed in (the MA pass) give the same rate
+    assert clean_target_rate(low_to_target, x, y, s, pred=low_to_target(x).argmax(1)) == pytest.approx(30 / 90)
     # a real backdoor: the trigger sends everything to the target, clean inputs never go there
     backdoor = FullPatchDetector(s)
     assert attack_success_rate(backdoor, x, y, s) == 1.0 and clean_target_rate(backdoor, x, y, s) == 0.0

@@ -49,7 +49,7 @@ def test_every_clipfed_setting_is_a_run_config_key():
             key = key.replace("-batch-size", "-batch")  # the alias CLIPFedConfig.from_run_config reads
             if key not in defaults:
                 missing.append(key)
-            elif not isinstance(f.default, dataclasses._MISSING_TYPE) and isinstance(f.default, (bool, int, float, str)):
+            elif isinstance(f.default, (bool, int, float, str)):  # dataclasses.MISSING is none of these
                 if defaults[key] != f.default:
                     differ.append((key, defaults[key], f.default))
     assert not missing, f"settings without a run-config key in pyproject.toml: {missing}"
