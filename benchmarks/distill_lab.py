@@ -32,7 +32,7 @@ from fltask.config import parse_run_config
 from fltask.datasets import load_task_data
 from fltask.models import build_model
 from fltask.partition import make_split
-from fltask.training import attack_success_rate, main_accuracy
+from fltask.training import attack_success_rate, clean_target_rate, main_accuracy, predict
 from server_app.app import asr_trigger, eval_subset
 from server_app.clipfed_setup import build_clipfed
 from server_app.inprocess import default_run_config, parse_overrides
@@ -77,15 +77,18 @@ def lab(checkpoint: str | Path, overrides: dict[str, Any] | None = None, rounds:
     spec = asr_trigger(cfg, h)
     state = {k: torch.as_tensor(np.asarray(v)) for k, v in torch.load(checkpoint, weights_only=False)["arrays"].items()}
     model.load_state_dict(state)
-    steps = [{"distillations": 0, "ma": main_accuracy(model, x_test, y_test),
-              "asr": attack_success_rate(model, x_test, y_test, spec), "seconds": 0.0}]
+    def evaluate() -> dict[str, float]:
+        pred = predict(model, x_test)
+        return {"ma": main_accuracy(model, x_test, y_test, pred), "asr": attack_success_rate(model, x_test, y_test, spec),
+                "clean_target_rate": clean_target_rate(model, x_test, y_test, spec, pred)}
+
+    steps = [{"distillations": 0, **evaluate(), "seconds": 0.0}]
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         state, stats = defense.distill(r, state)
         seconds = time.perf_counter() - t0
         model.load_state_dict(state)
-        steps.append({"distillations": r, "ma": main_accuracy(model, x_test, y_test),
-                      "asr": attack_success_rate(model, x_test, y_test, spec), "seconds": seconds,
+        steps.append({"distillations": r, **evaluate(), "seconds": seconds,
                       "losses": {k: v for k, v in stats.items() if k in ("ce", "kl", "pcl", "self", "total")}})
     return {"checkpoint": str(checkpoint), "overrides": overrides or {}, "teacher": defense.teacher_info["label"],
             "server_rows": int(len(defense.y)), "eval_size": int(len(y_test)), "steps": steps}
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    line = " ".join(f"{s['distillations']}: MA {100 * s['ma']:.1f} ASR {100 * s['asr']:.1f}" for s in result["steps"])
+    line = " ".join(f"{s['distillations']}: MA {100 * s['ma']:.1f} ASR {100 * s['asr']:.1f} (floor {100 * s['clean_target_rate']:.1f})"
+                    for s in result["steps"])
     print(f"{' '.join(args.overrides) or '(defaults)'} | {line} | {result['steps'][-1]['seconds']:.1f}s per distillation"
           f" | {result['server_rows']} server rows, {result['teacher']}")
     if args.out:

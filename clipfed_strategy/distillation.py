@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipfed_strategy.features import PenultimateExtractor, eval_mode, last_linear
-from clipfed_strategy.losses import kd_kl_loss, prototype_contrastive_loss
+from clipfed_strategy.losses import kd_kl_loss, kl_per_sample, prototype_contrastive_loss
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 BN_MODES = ("frozen", "train")
+SELF_GATES = ("all", "label", "teacher")
 TRAINABLE = ("all", "head", "last-k")
 HEADS = ("linear", "mlp")
 
@@ -76,6 +77,13 @@ class DistillConfig:
         Weight of the self-anchor KL towards the aggregated model's own (temperature-T) predictions
         on each row's clean source; needs ``self_logits`` or ``source_index`` in
         :meth:`Distiller.distill`.
+    self_gate : {"all", "label", "teacher"}, default "all"
+        Rows the self-anchor applies to. ``all``: every row. ``label``: only rows whose clean source
+        the aggregated model assigns to the row's intended class; ``teacher``: only rows where it
+        agrees with the teacher's top-1. Where a backdoor that got past screening already sends
+        clean server images to its target (a Blend-backdoored CIFAR-10 model does so on the
+        noise-like synthesised rows), ``all`` anchors the model to that answer; a gate leaves those
+        rows to the teacher and CE terms.
     bn : {"frozen", "train"}, default "frozen"
         ``frozen`` keeps BatchNorm layers in eval mode (running statistics from the clients stay).
     trainable : {"all", "head", "last-k"}, default "all"
@@ -108,6 +116,7 @@ class DistillConfig:
     lambda_pcl: float = 0.001
     lambda_prox: float = 0.0
     lambda_self: float = 2.0
+    self_gate: str = "all"
     bn: str = "frozen"
     trainable: str = "all"
     last_k: int = 2
@@ -122,6 +131,10 @@ class DistillConfig:
                 f"distill.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
             ),
             (self.bn in BN_MODES, f"distill.bn must be one of {BN_MODES}, got {self.bn!r}"),
+            (
+                self.self_gate in SELF_GATES,
+                f"distill.self-gate must be one of {SELF_GATES}, got {self.self_gate!r}",
+            ),
             (
                 self.trainable in TRAINABLE,
                 f"distill.trainable must be one of {TRAINABLE}, got {self.trainable!r}",
@@ -299,6 +312,7 @@ class Distiller:
                 "self_logits of the same shape as teacher_logits are required when lambda_self > 0, got "
                 f"{None if self_logits is None else tuple(self_logits.shape)}"
             )
+        gate = self_anchor_gate(self_logits, labels, teacher_logits, cfg.self_gate) if use_self else None
         use_pcl = cfg.lambda_pcl > 0
         if use_pcl and text_prototypes is None:
             raise ValueError("text_prototypes are required when lambda_pcl > 0")
@@ -365,11 +379,13 @@ class Distiller:
                                 if use_pcl
                                 else logits.new_zeros((), dtype=torch.float32)
                             )
-                            anchor_kl = (
-                                kd_kl_loss(logits, self_logits[idx].to(device, non_blocking=True).float(), cfg.T)
-                                if use_self
-                                else logits.new_zeros((), dtype=torch.float32)
-                            )
+                            if not use_self:
+                                anchor_kl = logits.new_zeros((), dtype=torch.float32)
+                            elif gate is None:
+                                anchor_kl = kd_kl_loss(logits, self_logits[idx].to(device, non_blocking=True).float(), cfg.T)
+                            else:  # gated rows count as zero; the mean stays over the whole batch
+                                per_row = kl_per_sample(logits, self_logits[idx].to(device, non_blocking=True).float(), cfg.T)
+                                anchor_kl = (per_row * gate[idx].to(device)).mean() * (cfg.T * cfg.T)
                         prox = (
                             sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchor))
                             if anchor
@@ -417,6 +433,21 @@ class Distiller:
             stats["self"],
         )
         return stats
+
+
+def self_anchor_gate(self_logits: Tensor, labels: Tensor, teacher_logits: Tensor, how: str) -> Tensor | None:
+    """Per-row 0/1 weights of the self-anchor (``DistillConfig.self_gate``); ``None`` for "all".
+
+    ``label``: 1 where the anchor's top-1 is the row's intended label; ``teacher``: where it is the
+    teacher's top-1.
+    """
+    if how == "all":
+        return None
+    if how not in SELF_GATES:
+        raise DistillConfigError(f"distill.self-gate must be one of {SELF_GATES}, got {how!r}")
+    own = self_logits.argmax(1).cpu()
+    reference = labels.cpu() if how == "label" else teacher_logits.argmax(1).cpu()
+    return (own == reference).float()
 
 
 @torch.no_grad()

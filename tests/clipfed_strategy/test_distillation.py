@@ -239,3 +239,50 @@ def test_amp_on_cuda_trains_fp32_model():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(torch.tensor(stats[k])) for k in ("ce", "kl", "pcl", "total"))
     assert not all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+
+
+def test_self_gate_weights_rows_by_hand():
+    """``self_gate``: the self-anchor term is the batch mean of gate · KL_row · T², the gate being 1
+    where the anchor's top-1 is the intended label ("label") or the teacher's top-1 ("teacher")."""
+    from clipfed_strategy.distillation import self_anchor_gate
+    from clipfed_strategy.losses import kl_per_sample
+
+    own = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 4.0]])
+    labels = torch.tensor([0, 2, 2, 1])
+    teacher = torch.tensor([[0.0, 1.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 9.0], [0.0, 0.0, 2.0]])
+    assert self_anchor_gate(own, labels, teacher, "all") is None
+    assert self_anchor_gate(own, labels, teacher, "label").tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert self_anchor_gate(own, labels, teacher, "teacher").tolist() == [0.0, 1.0, 1.0, 1.0]
+    with pytest.raises(DistillConfigError, match="self-gate"):
+        DistillConfig(self_gate="some")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(4, 1, 2, 2)
+    with torch.no_grad():
+        student = model(x)
+    T = 2.0
+    expected = (kl_per_sample(student, own, T) * torch.tensor([1.0, 0.0, 1.0, 0.0])).mean() * T * T
+    cfg = DistillConfig(steps=1, batch_size=4, T=T, lambda_kl=0.0, lambda_pcl=0.0, lambda_self=1.0, self_gate="label")
+    stats = Distiller(3).distill(model, x, labels, teacher, None, cfg, self_logits=own)
+    assert math.isclose(stats["self"], float(expected), rel_tol=1e-5)
+
+
+def test_self_gate_label_does_not_anchor_a_model_that_answers_the_target_everywhere(backdoored):
+    """A Blend-like backdoor that got in sends clean server images to its target. Anchored on every
+    row (``all``), the distillation keeps that answer against the teacher; gated on the intended label,
+    only the target-class rows are anchored, and the teacher pulls the rest back."""
+    pb, x, y, teacher = backdoored
+    on_target = 5.0 * F.one_hot(torch.zeros(len(y), dtype=torch.long), 10).float()  # the model's answer: class 0
+    results = {}
+    for gate in ("all", "label"):
+        model = copy.deepcopy(pb.clients[0])
+        cfg = DistillConfig(epochs=4, lambda_kl=0.5, lambda_pcl=0.0, lambda_self=2.0, self_gate=gate)
+        Distiller(16).distill(model, x, y, teacher, None, cfg, self_logits=on_target)
+        with torch.no_grad():
+            pred = model.eval()(pb.x_test).argmax(1)
+        results[gate] = (float((pred == pb.y_test).float().mean()), float((pred[pb.y_test != 0] == 0).float().mean()))
+    (acc_all, to0_all), (acc_label, to0_label) = results["all"], results["label"]
+    assert to0_all >= 0.5, results  # anchored everywhere: the target answer stays
+    assert to0_label <= to0_all / 3, results
+    assert acc_label >= acc_all + 0.3, results
