@@ -34,6 +34,7 @@ DEFENSES = (
     "fltrust",
     "foolsgold",
     "rlr",
+    "oracle",
 )
 
 

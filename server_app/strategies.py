@@ -58,6 +58,11 @@ def _build(cfg: RunConfig, model: nn.Module, data: TaskData, split: Split) -> Bu
     d = cfg.defense
     if d == "fedavg":
         return BuiltStrategy(FedAvg(**kw))
+    if d == "oracle":  # benchmark reference: FedAvg without the attackers, by ground truth
+        from server_app.defenses.oracle import OracleFedAvg
+
+        return BuiltStrategy(OracleFedAvg(**kw), {"note": "oracle: FedAvg over the benign replies by simulation "
+                                                          "ground truth; a reference, not a defence"})
     if d == "median":
         return BuiltStrategy(FedMedian(**kw))
     if d == "trimmedmean":
