@@ -89,7 +89,7 @@ def lab(checkpoint: str | Path, overrides: dict[str, Any] | None = None, rounds:
         seconds = time.perf_counter() - t0
         model.load_state_dict(state)
         steps.append({"distillations": r, **evaluate(), "seconds": seconds,
-                      "losses": {k: v for k, v in stats.items() if k in ("ce", "kl", "pcl", "self", "total")}})
+                      "losses": {k: v for k, v in stats.items() if k in ("ce", "kl", "pcl", "self", "total", "self_gated")}})
     return {"checkpoint": str(checkpoint), "overrides": overrides or {}, "teacher": defense.teacher_info["label"],
             "server_rows": int(len(defense.y)), "eval_size": int(len(y_test)), "steps": steps}
 

@@ -253,8 +253,17 @@ def test_self_gate_weights_rows_by_hand():
     assert self_anchor_gate(own, labels, teacher, "all") is None
     assert self_anchor_gate(own, labels, teacher, "label").tolist() == [1.0, 0.0, 1.0, 0.0]
     assert self_anchor_gate(own, labels, teacher, "teacher").tolist() == [0.0, 1.0, 1.0, 1.0]
+    # "over": class 0 is 2 of 4 answers but 1 of 4 labels (ratio 2 reached): row 3 (label 1, answered 0) loses
+    # the anchor; row 0 (answered 0, labelled 0) and the rows answered into other classes keep it
+    assert self_anchor_gate(own, labels, teacher, "over").tolist() == [1.0, 1.0, 1.0, 1.0]  # no class at 2x
+    own_over = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [4.0, 0.0, 1.0]])
+    labels_over = torch.tensor([0, 2, 2, 1])
+    assert self_anchor_gate(own_over, labels_over, teacher, "over").tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert self_anchor_gate(own_over, labels_over, teacher, "over", ratio=2.5).tolist() == [1.0, 1.0, 1.0, 1.0]
     with pytest.raises(DistillConfigError, match="self-gate"):
         DistillConfig(self_gate="some")
+    with pytest.raises(DistillConfigError, match="self-gate-ratio"):
+        DistillConfig(self_gate="over", self_gate_ratio=1.0)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -266,6 +275,7 @@ def test_self_gate_weights_rows_by_hand():
     cfg = DistillConfig(steps=1, batch_size=4, T=T, lambda_kl=0.0, lambda_pcl=0.0, lambda_self=1.0, self_gate="label")
     stats = Distiller(3).distill(model, x, labels, teacher, None, cfg, self_logits=own)
     assert math.isclose(stats["self"], float(expected), rel_tol=1e-5)
+    assert stats["self_gated"] == 0.5
 
 
 def test_self_gate_label_does_not_anchor_a_model_that_answers_the_target_everywhere(backdoored):
@@ -275,7 +285,7 @@ def test_self_gate_label_does_not_anchor_a_model_that_answers_the_target_everywh
     pb, x, y, teacher = backdoored
     on_target = 5.0 * F.one_hot(torch.zeros(len(y), dtype=torch.long), 10).float()  # the model's answer: class 0
     results = {}
-    for gate in ("all", "label"):
+    for gate in ("all", "label", "over"):
         model = copy.deepcopy(pb.clients[0])
         cfg = DistillConfig(epochs=4, lambda_kl=0.5, lambda_pcl=0.0, lambda_self=2.0, self_gate=gate)
         Distiller(16).distill(model, x, y, teacher, None, cfg, self_logits=on_target)
@@ -286,3 +296,4 @@ def test_self_gate_label_does_not_anchor_a_model_that_answers_the_target_everywh
     assert to0_all >= 0.5, results  # anchored everywhere: the target answer stays
     assert to0_label <= to0_all / 3, results
     assert acc_label >= acc_all + 0.3, results
+    assert results["over"][1] <= to0_all / 3 and results["over"][0] >= acc_all + 0.3, results  # class 0 is over-predicted
