@@ -299,3 +299,23 @@ def test_score_history_follows_client_ids_across_rounds_and_checkpoints(small_se
     assert restored.score_history == d.score_history
     with pytest.raises(CLIPFedConfigError, match="screen-history"):
         ScreeningConfig(history=1.0)
+
+
+def test_warmup_rounds_decide_with_their_own_threshold(small_server_set):
+    """``screen-warmup-rounds``: rounds 1..W use ``warmup_z_thr``, later rounds ``z_thr``; the scores
+    themselves do not change."""
+    from clipfed_strategy.config import CLIPFedConfigError, ScreeningConfig
+
+    g, ups = _updates(6, scale=0.1)
+    screen = {"min_collapse": 0.0, "w_kl": 1.0, "combine": "max", "z_thr": 50.0, "warmup_rounds": 2, "warmup_z_thr": 0.0,
+              "max_reject_frac": 1.0}
+    d = H.make_defense(H.tiny_net(0), small_server_set, screen=screen)
+    warm, later = d.screen(2, g, ups), d.screen(3, g, ups)
+    assert [r["score"] for r in warm.records] == pytest.approx([r["score"] for r in later.records])
+    above = sum(r["score"] > 0 for r in warm.records)
+    assert above >= 1
+    assert all(r.get("score") is not None for r in warm.records)
+    assert sum(warm.flagged) == above  # every positive score crosses the warm-up threshold 0
+    assert sum(later.flagged) == 0  # nobody reaches z 50
+    with pytest.raises(CLIPFedConfigError, match="screen-warmup-rounds"):
+        ScreeningConfig(warmup_rounds=-1)
