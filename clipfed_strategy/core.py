@@ -255,10 +255,11 @@ class CLIPFedDefense:
                 g_logits, g_feats = self._logits_with_probes([global_state], need_feats, probes)
                 reference = {m: v[0] for m, v in self._scores(g_logits, g_feats, probes).items()}
             prior = [self.score_history.get(updates[i].client_id) for i in ok] if cfg.history > 0 else None
+            z_thr = cfg.warmup_z_thr if server_round <= cfg.warmup_rounds else cfg.z_thr
             decision = screen(
                 scores, cfg.weights, rule=cfg.rule, mode=cfg.mode, reference=reference, prior=prior, history=cfg.history,
                 combine_how=cfg.combine, min_scale={"collapse": cfg.collapse_min_scale},
-                z_thr=cfg.warmup_z_thr if server_round <= cfg.warmup_rounds else cfg.z_thr, gap=cfg.gap, abs_thr=cfg.abs_thr, max_reject_frac=cfg.max_reject_frac,
+                z_thr=z_thr, gap=cfg.gap, abs_thr=cfg.abs_thr, max_reject_frac=cfg.max_reject_frac,
                 min_kept=cfg.min_kept, min_clients=cfg.min_clients, soft_beta=cfg.soft_beta,
                 num_examples=[n[i] for i in ok], min_collapse=cfg.min_collapse, class_names=self.class_names,
             )

@@ -329,6 +329,8 @@ class Distiller:
         device = next(model.parameters()).device
         extractor = PenultimateExtractor(model, self.feature_module)
         start = time.perf_counter()
+        if gate is not None:
+            gate = gate.to(device)
 
         modes = [m.training for m in model.modules()]
         grad_flags = [p.requires_grad for p in model.parameters()]
@@ -389,13 +391,13 @@ class Distiller:
                                 if use_pcl
                                 else logits.new_zeros((), dtype=torch.float32)
                             )
-                            if not use_self:
-                                anchor_kl = logits.new_zeros((), dtype=torch.float32)
-                            elif gate is None:
-                                anchor_kl = kd_kl_loss(logits, self_logits[idx].to(device, non_blocking=True).float(), cfg.T)
-                            else:  # gated rows count as zero; the mean stays over the whole batch
+                            if use_self:  # T²·KL per row; gated rows count as zero, the mean stays over the batch
                                 per_row = kl_per_sample(logits, self_logits[idx].to(device, non_blocking=True).float(), cfg.T)
-                                anchor_kl = (per_row * gate[idx].to(device)).mean() * (cfg.T * cfg.T)
+                                if gate is not None:
+                                    per_row = per_row * gate[idx]
+                                anchor_kl = per_row.mean() * (cfg.T * cfg.T)
+                            else:
+                                anchor_kl = logits.new_zeros((), dtype=torch.float32)
                         prox = (
                             sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchor))
                             if anchor

@@ -36,8 +36,9 @@ class OracleFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         start = time.perf_counter()
         replies = list(replies)
-        kept = [m for m in replies if not is_attacker(m)]
-        dropped = [m.metadata.src_node_id for m in replies if is_attacker(m)]
+        attacker = [is_attacker(m) for m in replies]
+        kept = [m for m, bad in zip(replies, attacker) if not bad]
+        dropped = [m.metadata.src_node_id for m, bad in zip(replies, attacker) if bad]
         self.last_round_report = {
             "accepted": [m.metadata.src_node_id for m in kept if not m.has_error()],
             "rejected": dropped,
