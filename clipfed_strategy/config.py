@@ -142,6 +142,9 @@ class ScreeningConfig:
                 "bias": self.w_bias}
 
 
+SELF_SOURCES = ("global", "ensemble")
+
+
 @dataclass
 class CLIPFedConfig:
     """All of CLIP-Fed's settings.
@@ -153,7 +156,11 @@ class CLIPFedConfig:
         Post-aggregation distillation; plus ``distill_enabled``, ``distill_start_round``,
         ``distill_every``, ``distill_head`` ("linear"/"mlp"), ``distill_teacher_input``
         ("clean": the teacher sees each row's clean source, enforcing trigger invariance; "aug"),
-        ``distill_data`` ("clean+aug", "clean", "aug"), ``distill_proto`` ("text", "image", "mix").
+        ``distill_data`` ("clean+aug", "clean", "aug"), ``distill_proto`` ("text", "image", "mix"),
+        ``distill_self_source`` (whose predictions the self-anchor keeps: "global" = the aggregated
+        model's own, as before; "ensemble" = the mean logits of the round's kept client models,
+        weighted as in aggregation -- ensemble distillation in the manner of FedDF, Lin et al.,
+        NeurIPS 2020, restricted to the clients that passed screening).
     invert : InversionConfig
         Trigger reconstruction from flagged client models (:mod:`clipfed_strategy.trigger_inversion`).
     validation : ValidationConfig
@@ -176,6 +183,7 @@ class CLIPFedConfig:
     distill_teacher_input: str = "clean"
     distill_data: str = "clean+aug"
     distill_proto: str = "text"
+    distill_self_source: str = "global"
     feature_module: str = ""
     device: str = "auto"
     seed: int = 0
@@ -186,6 +194,7 @@ class CLIPFedConfig:
             ("distill_teacher_input", ("clean", "aug")),
             ("distill_data", ("clean+aug", "clean", "aug")),
             ("distill_proto", ("text", "image", "mix")),
+            ("distill_self_source", SELF_SOURCES),
         ):
             if getattr(self, name) not in allowed:
                 raise CLIPFedConfigError(

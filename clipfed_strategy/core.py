@@ -149,6 +149,8 @@ class CLIPFedDefense:
         self.bank = TriggerBank(self.config.invert.bank_size)
         # Each client's smoothed screening score (screen-history > 0), by client id.
         self.score_history: dict[str, float] = {}
+        # (round, [N, C] mean logits of that round's kept client models) for distill-self-source=ensemble
+        self._ensemble: tuple[int, torch.Tensor] | None = None
         self._inversion_models: tuple[nn.Module, nn.Module] | None = None  # (suspect, reference), built on first use
         self._first_aug_group = int(variants.max()) + 1 if len(variants) else 1
         log.info("CLIP-Fed ready on %s: %d server images (%d clean, %d augmented), screening %s, %s", self.device,
@@ -231,7 +233,10 @@ class CLIPFedDefense:
         cfg = self.config.screen
         n = [float(u.num_examples) for u in updates]
         states = [u.state for u in updates]
+        self._ensemble = None
         if not cfg.enabled or not updates:
+            if updates and self._wants_ensemble():
+                self._remember_ensemble(server_round, self.client_logits(states, False)[0], n)
             return ScreeningOutcome(n, [False] * len(updates), [{} for _ in updates], states, False, time.perf_counter() - t0)
         need_feats = cfg.w_proto > 0
         probes = self._bank_probes() if self.config.invert.enabled and self.config.invert.screen else None
@@ -271,6 +276,8 @@ class CLIPFedDefense:
         if len(ok) < len(updates):
             log.warning("round %d: %d client model(s) give non-finite outputs on the server dataset: dropped",
                         server_round, len(updates) - len(ok))
+        if self._wants_ensemble():
+            self._remember_ensemble(server_round, logits, weights)
         info: dict[str, Any] = {}
         if self.config.invert.enabled and enforced:
             info["inversion"] = self.reconstruct_triggers(server_round, global_state, updates, records, ok)
@@ -278,6 +285,25 @@ class CLIPFedDefense:
         if cfg.clip_norm == "median":
             states, clip_to = clip_to_median_norm(states, global_state, [w > 0 for w in weights])
         return ScreeningOutcome(weights, flagged, records, states, enforced, time.perf_counter() - t0, clip_to, info)
+
+    def _wants_ensemble(self) -> bool:
+        return self.config.distill_self_source == "ensemble" and self.config.distill_enabled and self.config.distill.lambda_self > 0
+
+    def _remember_ensemble(self, server_round: int, logits: torch.Tensor, weights: Sequence[float]) -> None:
+        """Keep the aggregation-weighted mean logits of the round's kept client models on every server row
+        (``distill-self-source="ensemble"``); dropped and non-finite models have weight 0."""
+        w = torch.as_tensor([float(v) for v in weights], dtype=torch.float32, device=logits.device)
+        keep = torch.nonzero(w > 0).flatten()
+        if len(keep) == 0:
+            return
+        w = w[keep] / w[keep].sum()
+        self._ensemble = (server_round, torch.einsum("k,knc->nc", w, logits[keep, : len(self.y)].float()))
+
+    def ensemble_logits(self, server_round: int) -> torch.Tensor | None:
+        """The kept clients' mean logits ``[N, C]`` on the server rows remembered by this round's
+        :meth:`screen`, or ``None`` when that round kept no client or was not screened here."""
+        ens = getattr(self, "_ensemble", None)
+        return ens[1] if ens is not None and ens[0] == server_round else None
 
     # ------------------------------------------------------------------ step 2b: reconstruct triggers
     def reconstruct_triggers(self, server_round: int, global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate],
@@ -367,11 +393,24 @@ class CLIPFedDefense:
             teacher_rows = torch.cat([teacher_rows, self.clean_rows[probes[1]]])
         self.student.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         dcfg = dataclasses.replace(self.config.distill, seed=self.config.distill.seed + server_round)
-        self_logits = own_logits(self.student, self.x, source_rows) if dcfg.lambda_self > 0 else None
+        self_logits, from_ensemble = None, False
+        if dcfg.lambda_self > 0:
+            if self.config.distill_self_source == "ensemble":
+                ens = self.ensemble_logits(server_round)
+                if ens is None:
+                    log.warning("round %d: distill-self-source=ensemble, but no client model of this round was kept "
+                                "or screened here: the self-anchor uses the aggregated model's own predictions",
+                                server_round)
+                else:
+                    self_logits, from_ensemble = ens[source_rows], True
+            if self_logits is None:
+                self_logits = own_logits(self.student, self.x, source_rows)
         stats = self.distiller.distill(self.student, x, self.y[source_rows], self.teacher_logits[teacher_rows],
                                        self.prototypes(), dcfg, self_logits=self_logits)
         if probes is not None:
             stats["trigger_rows"] = float(len(probes[0]))
+        if dcfg.lambda_self > 0:
+            stats["self_from_ensemble"] = float(from_ensemble)
         new_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
             log.warning("round %d: distillation produced non-finite weights (loss %s): keeping the aggregated model",

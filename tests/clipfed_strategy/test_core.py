@@ -319,3 +319,56 @@ def test_warmup_rounds_decide_with_their_own_threshold(small_server_set):
     assert sum(later.flagged) == 0  # nobody reaches z 50
     with pytest.raises(CLIPFedConfigError, match="screen-warmup-rounds"):
         ScreeningConfig(warmup_rounds=-1)
+
+
+def test_ensemble_self_anchor_is_the_kept_clients_weighted_mean(small_server_set, monkeypatch):
+    """``distill-self-source=ensemble``: the self-anchor targets are the aggregation-weighted mean logits of the
+    round's kept client models on each row's clean source; a dropped client contributes nothing."""
+    sds = small_server_set
+    d = H.make_defense(H.tiny_net(0), sds, distill_self_source="ensemble", screen={"min_clients": 3})
+    models = [H.tiny_net(s) for s in (1, 2, 3, 4)]
+    updates = [ClientUpdate(f"c{i}", np_state(m), float(10 * (i + 1))) for i, m in enumerate(models)]
+    # the decision itself is not under test here: drop client c2 by hand
+    import clipfed_strategy.core as core_mod
+
+    real_screen = core_mod.screen
+
+    def drop_c2(scores, *a, **kw):
+        dec = real_screen(scores, *a, **kw)
+        dec.weights = np.array([0.0 if i == 2 else w for i, w in enumerate(dec.weights)])
+        return dec
+
+    monkeypatch.setattr(core_mod, "screen", drop_c2)
+    outcome = d.screen(7, np_state(H.tiny_net(0)), updates)
+    assert outcome.weights[2] == 0.0 and all(outcome.weights[i] > 0 for i in (0, 1, 3))
+    seen = {}
+
+    def fake(model, x, labels, teacher_logits, protos, cfg, self_logits=None):
+        seen["own"] = self_logits
+        return {"steps": 0}
+
+    monkeypatch.setattr(d.distiller, "distill", fake)
+    _, stats = d.distill(7, {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(0)).items()})
+    src = torch.from_numpy(sds.source_index)
+    with torch.no_grad():
+        per_model = [m.eval()(d.x[src].float()) for m in models]
+    w = [outcome.weights[i] for i in range(4)]
+    expected = sum(w[i] * per_model[i] for i in range(4)) / sum(w)
+    assert stats["self_from_ensemble"] == 1.0
+    torch.testing.assert_close(seen["own"], expected, atol=1e-5, rtol=1e-5)
+    # another round without screening of its own: the anchor falls back to the aggregated model, and says so
+    _, stats = d.distill(8, {k: torch.from_numpy(v) for k, v in np_state(H.tiny_net(0)).items()})
+    assert stats["self_from_ensemble"] == 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(seen["own"], H.tiny_net(0).eval()(d.x[src].float()), atol=1e-5, rtol=1e-5)
+
+
+def test_ensemble_self_anchor_without_screening_uses_every_client(small_server_set, monkeypatch):
+    sds = small_server_set
+    d = H.make_defense(H.tiny_net(0), sds, distill_self_source="ensemble", screen={"enabled": False})
+    models = [H.tiny_net(s) for s in (1, 2)]
+    d.screen(1, np_state(H.tiny_net(0)), [ClientUpdate(f"c{i}", np_state(m), n) for i, (m, n) in enumerate(zip(models, (1.0, 3.0)))])
+    with torch.no_grad():
+        expected = (models[0].eval()(d.x.float()) + 3 * models[1].eval()(d.x.float())) / 4
+    torch.testing.assert_close(d.ensemble_logits(1), expected, atol=1e-5, rtol=1e-5)
+    assert d.ensemble_logits(2) is None
