@@ -159,7 +159,7 @@ class CLIPFedConfig:
         ``distill_data`` ("clean+aug", "clean", "aug"), ``distill_proto`` ("text", "image", "mix"),
         ``distill_self_source`` (whose predictions the self-anchor keeps: "global" = the aggregated
         model's own, as before; "ensemble" = the mean logits of the round's kept client models,
-        weighted as in aggregation -- ensemble distillation in the manner of FedDF, Lin et al.,
+        weighted by their screening weights (example counts; soft-mode weights) -- ensemble distillation in the manner of FedDF, Lin et al.,
         NeurIPS 2020, restricted to the clients that passed screening).
     invert : InversionConfig
         Trigger reconstruction from flagged client models (:mod:`clipfed_strategy.trigger_inversion`).

@@ -322,7 +322,7 @@ def test_warmup_rounds_decide_with_their_own_threshold(small_server_set):
 
 
 def test_ensemble_self_anchor_is_the_kept_clients_weighted_mean(small_server_set, monkeypatch):
-    """``distill-self-source=ensemble``: the self-anchor targets are the aggregation-weighted mean logits of the
+    """``distill-self-source=ensemble``: the self-anchor targets are the screening-weighted mean logits of the
     round's kept client models on each row's clean source; a dropped client contributes nothing."""
     sds = small_server_set
     d = H.make_defense(H.tiny_net(0), sds, distill_self_source="ensemble", screen={"min_clients": 3})
