@@ -290,8 +290,9 @@ class CLIPFedDefense:
         return self.config.distill_self_source == "ensemble" and self.config.distill_enabled and self.config.distill.lambda_self > 0
 
     def _remember_ensemble(self, server_round: int, logits: torch.Tensor, weights: Sequence[float]) -> None:
-        """Keep the screening-weighted (example counts, soft-mode weights) mean logits of the round's kept client models on every server row
-        (``distill-self-source="ensemble"``); dropped and non-finite models have weight 0."""
+        """Keep the mean logits of the round's kept client models on every server row, weighted by their
+        screening weights (example counts; soft-mode weights), for ``distill-self-source="ensemble"``.
+        Dropped and non-finite models have weight 0."""
         w = torch.as_tensor([float(v) for v in weights], dtype=torch.float32, device=logits.device)
         keep = torch.nonzero(w > 0).flatten()
         if len(keep) == 0:
