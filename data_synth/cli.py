@@ -88,6 +88,8 @@ def _add_build(sub) -> None:
     g.add_argument("--inv-w-bn", type=float, default=None)
     g.add_argument("--inv-jitter", type=int, default=None)
     g.add_argument("--inv-flip", default=None, choices=("on", "off"))
+    g.add_argument("--inv-crop-min", type=float, default=None,
+                   help="random-resized-crop side fraction per step, U[crop_min, 1] (1 = off)")
 
 
 def _add_inspect(sub) -> None:
@@ -125,6 +127,7 @@ def generator_options(args) -> dict:
         "w_bn": args.inv_w_bn,
         "jitter": args.inv_jitter,
         "flip": None if args.inv_flip is None else args.inv_flip == "on",
+        "crop_min": args.inv_crop_min,
     }
     return {k: v for k, v in opts.items() if v is not None}
 

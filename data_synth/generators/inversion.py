@@ -76,6 +76,11 @@ class InversionConfig:
         Max roll in pixels per step; None = ``max(1, round(min(H, W) / 16))``.
     flip : bool or None
         Random horizontal flips per step; None = on for RGB, off for grey (digits are chiral).
+    crop_min : float
+        Random-resized-crop augmentation per image and step: a square crop of side
+        ``U[crop_min, 1]`` times the image, at a random position, resized back (bilinear) before
+        the teacher sees it. 1.0 (default) = off. Images that keep their class under strong crops
+        rely less on fragile, adversarial-like pixel patterns.
     batch_size : int
         Images optimised together (classes interleaved). Default 1000.
     init_std : float
@@ -93,6 +98,7 @@ class InversionConfig:
     bn_first_mult: float = 10.0
     jitter: int | None = None
     flip: bool | None = None
+    crop_min: float = 1.0
     batch_size: int = 1000
     init_std: float = 0.5
 
@@ -101,6 +107,8 @@ class InversionConfig:
             raise SynthError(f"inversion param {self.param!r} not allowed; choose from {list(PARAMS)}")
         if self.steps < 1 or self.batch_size < 1:
             raise SynthError(f"inversion steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not 0 < self.crop_min <= 1:
+            raise SynthError(f"inversion crop_min must lie in (0, 1], got {self.crop_min}")
         for name in ("lr", "w_tv", "w_l2", "w_div", "w_bn", "bn_first_mult", "init_std", "dct_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise SynthError(f"inversion {name} must be >= 0, got {getattr(self, name)}")
@@ -201,6 +209,19 @@ def jitter_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> t
     return x[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def random_resized_crop(x: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Crop image i to a square of side ``scales[i]`` (fraction of the image) centred at ``offsets[i]``
+    (normalised coordinates in [-1, 1], already limited to keep the crop inside) and resize it back to
+    the full size, bilinearly; differentiable in ``x``."""
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = scales.to(x)
+    theta[:, 1, 1] = scales.to(x)
+    theta[:, :, 2] = offsets.to(x)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def class_similarity(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over classes of the mean off-diagonal cosine similarity of that class's embeddings."""
     total = emb.new_zeros(())
@@ -288,7 +309,12 @@ class TeacherInversionGenerator:
                 shifts = torch.randint(-self.jitter, self.jitter + 1, (n, 2), generator=gen)
                 flips = (torch.rand(n, generator=gen) < 0.5) & self.flip
                 x = self._images(z, wts)
-                emb = embed_with_grad(teacher, jitter_flip(x, shifts, flips))
+                seen = jitter_flip(x, shifts, flips)
+                if cfg.crop_min < 1:
+                    scales = cfg.crop_min + (1 - cfg.crop_min) * torch.rand(n, generator=gen)
+                    offsets = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1 - scales)[:, None]
+                    seen = random_resized_crop(seen, scales, offsets)
+                emb = embed_with_grad(teacher, seen)
                 logits = scale * emb @ protos.T
                 per_sample = F.cross_entropy(logits, y, reduction="none")
                 per_sample = per_sample + cfg.w_tv * total_variation(x) + cfg.w_l2 * (x - 0.5).pow(2).flatten(1).mean(1)
