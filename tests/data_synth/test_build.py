@@ -135,3 +135,28 @@ def test_inversion_bn_prior_weight_defaults_by_channels(oracle_teacher):
     fixed = make_generator("teacher-inversion", GenContext(names, (8, 8), 3, torch.device("cpu"), oracle_teacher, False),
                            {"w_bn": 0.2})
     assert [g.describe()["config"]["w_bn"] for g in (grey, colour, fixed)] == [0.1, 0.01, 0.2]
+
+
+def test_random_resized_crop_by_hand():
+    """Side 1 at the centre is the identity. On a horizontal ramp (pixel value = column), a crop of side 1/2
+    samples columns 1.75, 2.25, ..., 5.25 (pixel centres, align_corners=False), linearly interpolated; shifted
+    by 0.5 in normalised x it samples 2 columns further right, clamped at the border."""
+    from data_synth.generators.inversion import random_resized_crop
+
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(random_resized_crop(x, torch.ones(2), torch.zeros(2, 2)), x)
+    ramp = torch.arange(8.0).expand(1, 1, 8, 8).clone()
+    out = random_resized_crop(ramp, torch.tensor([0.5]), torch.zeros(1, 2))
+    torch.testing.assert_close(out[0, 0], (1.75 + 0.5 * torch.arange(8.0)).expand(8, 8))
+    right = random_resized_crop(ramp, torch.tensor([0.5]), torch.tensor([[0.5, 0.0]]))
+    torch.testing.assert_close(right[0, 0], (3.75 + 0.5 * torch.arange(8.0)).clamp(max=7.0).expand(8, 8))
+
+
+def test_inversion_crop_setting_is_checked_and_recorded(tmp_path, oracle_teacher):
+    with pytest.raises(SynthError, match="crop_min"):
+        _build(tmp_path / "bad", oracle_teacher, "teacher-inversion", generator_options={"crop_min": 0.0})
+    ds = _build(tmp_path / "crop", oracle_teacher, "teacher-inversion", images_per_class=2,
+                generator_options={"steps": 40, "batch_size": 64, "crop_min": 0.6}, faug_ops="fft-amp")
+    assert ds.meta["generator"]["config"]["crop_min"] == 0.6
+    clean = ds.clean_mask()
+    assert (oracle_teacher.zero_shot_logits(ds.to_tensors()[0][clean]).argmax(1).numpy() == ds.labels[clean]).mean() >= 0.8
