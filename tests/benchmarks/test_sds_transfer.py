@@ -38,9 +38,8 @@ def test_real_rows_transfer_the_teachers_knowledge_and_noise_does_not(server_set
     assert real["teacher_is_standin"] and noise["teacher"] == real["teacher"]
     assert real["teacher_test_accuracy"] > 0.8, real["teacher_test_accuracy"]
     acc = {name: r["students"]["server set, clean rows"]["test_accuracy"] for name, r in (("real", real), ("noise", noise))}
-    print(acc, real["teacher_test_accuracy"])
-    assert acc["real"] > 0.6, acc
-    assert acc["noise"] < 0.35, acc
+    assert acc["real"] > 0.6, acc  # measured 0.89 (teacher 0.97)
+    assert acc["noise"] < 0.35, acc  # measured 0.14
     # the real-image reference does not depend on the server set
     ref = real["students"]["real held-out, as many as clean rows"]
     assert ref["images"] == 300 and ref["test_accuracy"] == noise["students"]["real held-out, as many as clean rows"]["test_accuracy"]
