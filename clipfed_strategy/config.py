@@ -158,9 +158,10 @@ class CLIPFedConfig:
         ("clean": the teacher sees each row's clean source, enforcing trigger invariance; "aug"),
         ``distill_data`` ("clean+aug", "clean", "aug"), ``distill_proto`` ("text", "image", "mix"),
         ``distill_self_source`` (whose predictions the self-anchor keeps: "global" = the aggregated
-        model's own, as before; "ensemble" = the mean logits of the round's kept client models,
-        weighted by their screening weights (example counts; soft-mode weights) -- ensemble distillation in the manner of FedDF, Lin et al.,
-        NeurIPS 2020, restricted to the clients that passed screening).
+        model's own; "ensemble" = the mean logits of the round's kept client models, weighted by
+        their screening weights (example counts; soft-mode weights) -- ensemble distillation in the
+        manner of FedDF (Lin et al., NeurIPS 2020) over the clients that passed screening; the
+        self-gate then judges the ensemble's answers).
     invert : InversionConfig
         Trigger reconstruction from flagged client models (:mod:`clipfed_strategy.trigger_inversion`).
     validation : ValidationConfig

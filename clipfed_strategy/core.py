@@ -287,7 +287,8 @@ class CLIPFedDefense:
         return ScreeningOutcome(weights, flagged, records, states, enforced, time.perf_counter() - t0, clip_to, info)
 
     def _wants_ensemble(self) -> bool:
-        return self.config.distill_self_source == "ensemble" and self.config.distill_enabled and self.config.distill.lambda_self > 0
+        c = self.config
+        return c.distill_self_source == "ensemble" and c.distill_enabled and c.distill.lambda_self > 0
 
     def _remember_ensemble(self, server_round: int, logits: torch.Tensor, weights: Sequence[float]) -> None:
         """Keep the mean logits of the round's kept client models on every server row, weighted by their
@@ -303,7 +304,7 @@ class CLIPFedDefense:
     def ensemble_logits(self, server_round: int) -> torch.Tensor | None:
         """The kept clients' mean logits ``[N, C]`` on the server rows remembered by this round's
         :meth:`screen`, or ``None`` when that round kept no client or was not screened here."""
-        ens = getattr(self, "_ensemble", None)
+        ens = self._ensemble
         return ens[1] if ens is not None and ens[0] == server_round else None
 
     # ------------------------------------------------------------------ step 2b: reconstruct triggers
