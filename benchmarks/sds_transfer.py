@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from clipfed_strategy.losses import kd_kl_loss
 from clipfed_strategy.teacher import load_teacher
 from clipfed_strategy.teacher_cache import teacher_outputs
 from fltask.config import parse_run_config
@@ -69,14 +69,14 @@ def kd_student(make_model, x: torch.Tensor, targets: torch.Tensor, steps: int, T
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
-    soft = F.softmax(targets.float() / T, dim=1)
+    targets = targets.float()
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
         xb = x[idx]
         flip = torch.rand(len(idx), generator=gen) < 0.5
         xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
-        loss = F.kl_div(F.log_softmax(model(xb) / T, dim=1), soft[idx], reduction="batchmean") * T * T
+        loss = kd_kl_loss(model(xb), targets[idx], T)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
