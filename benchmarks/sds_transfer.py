@@ -51,12 +51,6 @@ from server_app.inprocess import default_run_config, parse_overrides
 log = logging.getLogger("benchmarks.sds_transfer")
 
 
-@torch.no_grad()
-def teacher_logits(teacher, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """The teacher's zero-shot logits on float NCHW images in [0, 1]."""
-    return torch.cat([teacher.zero_shot_logits(x[i : i + batch]).float().cpu() for i in range(0, len(x), batch)])
-
-
 def kd_student(make_model, x: torch.Tensor, targets: torch.Tensor, steps: int, T: float = 3.0, lr: float = 0.05,
                batch: int = 128, seed: int = 0) -> torch.nn.Module:
     """A fresh model trained ``steps`` SGD steps on T²·KL(softmax(targets/T) ‖ softmax(student/T)), random
@@ -104,7 +98,7 @@ def transfer(overrides: dict[str, Any], steps: int = 800, eval_size: int = 5000,
         "server_dataset": {"hash": sds.hash, "rows": len(sds), "clean_rows": int(clean.sum()),
                            "generator": sds.meta.get("generator")},
         "steps": steps, "eval_size": len(y_test), "seed": seed,
-        "teacher_test_accuracy": float((teacher_logits(teacher, x_test).argmax(1) == y_test).float().mean()),
+        "teacher_test_accuracy": float((teacher.predict(x_test).cpu() == y_test).float().mean()),
         "teacher_top1_on_clean_rows": float((t_sds[clean].argmax(1) == y_sds[clean]).float().mean()),
     }
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
@@ -115,7 +109,7 @@ def transfer(overrides: dict[str, Any], steps: int = 800, eval_size: int = 5000,
         rng = np.random.default_rng(seed)
         x_held = to_tensor(data.x_train[split.heldout])
         same = torch.from_numpy(np.sort(rng.permutation(len(x_held))[: int(clean.sum())]))
-        t_held = teacher_logits(teacher, x_held)
+        t_held = teacher.zero_shot_logits(x_held).float().cpu()  # batched by the teacher
         sets["real held-out, as many as clean rows"] = (x_held[same], t_held[same])
         sets["real held-out, all"] = (x_held, t_held)
     rows = {}
