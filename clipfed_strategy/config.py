@@ -77,6 +77,12 @@ class ScreeningConfig:
         Evaluate the K client models together (``torch.func`` + ``vmap``) instead of in a loop.
     chunk_size : int, default 16
         Client models evaluated at once when batched.
+    purify, purify_weight, purify_steps : bool, float, int, defaults False, 1.0, 0
+        Instead of dropping a flagged client, distil its model on the server dataset towards the kept
+        clients' mean answers (gated by ``distill-self-gate``) and the teacher, for ``purify_steps``
+        optimiser steps (0 = the distillation's own ``distill-steps`` / ``distill-epochs``), then
+        aggregate it with ``purify_weight`` × its example count
+        (:meth:`clipfed_strategy.core.CLIPFedDefense.purify_flagged`). Needs ``mode="drop"``.
     """
 
     enabled: bool = True
@@ -107,6 +113,9 @@ class ScreeningConfig:
     clip_norm: str = "none"
     batched: bool = True
     chunk_size: int = 16
+    purify: bool = False
+    purify_weight: float = 1.0
+    purify_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINE_MODES:
@@ -133,6 +142,12 @@ class ScreeningConfig:
             raise CLIPFedConfigError(f"screen-max-reject-frac must lie in [0, 1], got {self.max_reject_frac}")
         if self.chunk_size < 1:
             raise CLIPFedConfigError(f"screen-chunk-size must be >= 1, got {self.chunk_size}")
+        if not 0 < self.purify_weight <= 1:
+            raise CLIPFedConfigError(f"screen-purify-weight must lie in (0, 1], got {self.purify_weight}")
+        if self.purify_steps < 0:
+            raise CLIPFedConfigError(f"screen-purify-steps must be >= 0, got {self.purify_steps}")
+        if self.purify and self.mode != "drop":
+            raise CLIPFedConfigError("screen-purify applies to dropped clients: it needs screen-mode=\"drop\"")
         if all(w == 0 for w in self.weights.values()):
             raise CLIPFedConfigError(f"at least one of screen-w-{{{','.join(METRICS)}}} must be > 0")
 

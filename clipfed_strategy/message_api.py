@@ -108,6 +108,7 @@ class CLIPFed(Strategy):
         scores: dict[int, float] = {}
         details: dict[int, dict[str, float]] = {}
         weights: dict[int, float] = {}
+        purified = [m.metadata.src_node_id for (m, _), p in zip(valid, outcome.purified) if p]
         for (m, u), w, rec, st in zip(valid, outcome.weights, outcome.records, outcome.states):
             node = m.metadata.src_node_id
             if "score" in rec:
@@ -124,6 +125,8 @@ class CLIPFed(Strategy):
             kept.append(m)
         for node, reason in rejected.items():
             log.info("round %d: rejected node %s: %s", server_round, node, reason)
+        for node in purified:
+            log.info("round %d: flagged node %s purified and aggregated", server_round, node)
         t_screen = time.perf_counter()
 
         dropped_metrics = self._harmonise_metrics(server_round, kept)
@@ -145,6 +148,7 @@ class CLIPFed(Strategy):
         self.last_round_report = {
             "accepted": [m.metadata.src_node_id for m in kept],
             "rejected": sorted(rejected),
+            "purified": purified,
             "scores": scores,
             "screening": details,
             "weights": weights,

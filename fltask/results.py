@@ -19,11 +19,12 @@ CSV_FIELDS = (
 
 
 def detection_rates(decisions: dict[str, dict[str, Any]]) -> tuple[float | None, float | None]:
-    """TPR and FPR of a round's rejections against the clients' ground-truth roles."""
+    """TPR and FPR of a round's detections (rejected, or flagged and purified: ``screen-purify``)
+    against the clients' ground-truth roles."""
     mal = [d for d in decisions.values() if d.get("malicious") is True]
     ben = [d for d in decisions.values() if d.get("malicious") is False]
-    tpr = sum(d["rejected"] for d in mal) / len(mal) if mal else None
-    fpr = sum(d["rejected"] for d in ben) / len(ben) if ben else None
+    tpr = sum(d["rejected"] or d.get("purified", False) for d in mal) / len(mal) if mal else None
+    fpr = sum(d["rejected"] or d.get("purified", False) for d in ben) / len(ben) if ben else None
     return tpr, fpr
 
 

@@ -97,6 +97,7 @@ class RoundReporter:
 def decisions_with_roles(report: dict[str, Any], replies: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per client: the defence's decision joined with the ground truth the metrics code holds."""
     rejected = {int(n) for n in report.get("rejected", [])}
+    purified = {int(n) for n in report.get("purified", [])}
     scores = {int(k): v for k, v in report.get("scores", {}).items()}
     reasons = {int(k): v for k, v in report.get("reasons", {}).items()}
     details = {int(k): v for k, v in report.get("screening", {}).items()}
@@ -108,6 +109,7 @@ def decisions_with_roles(report: dict[str, Any], replies: dict[int, dict[str, An
             "partition_id": r["partition_id"],
             "malicious": r["malicious"],
             "rejected": node_id in rejected,
+            "purified": node_id in purified,
             "score": scores.get(node_id),
             "reason": reasons.get(node_id, ""),
         }

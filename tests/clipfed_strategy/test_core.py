@@ -372,3 +372,82 @@ def test_ensemble_self_anchor_without_screening_uses_every_client(small_server_s
         expected = (models[0].eval()(d.x.float()) + 3 * models[1].eval()(d.x.float())) / 4
     torch.testing.assert_close(d.ensemble_logits(1), expected, atol=1e-5, rtol=1e-5)
     assert d.ensemble_logits(2) is None
+
+
+# --------------------------------------------------------------------------- screen-purify
+
+
+def _drop_c2(monkeypatch):
+    """Make screening drop client index 2 (the decision itself is not under test)."""
+    import clipfed_strategy.core as core_mod
+
+    real_screen = core_mod.screen
+
+    def drop_c2(scores, *a, **kw):
+        dec = real_screen(scores, *a, **kw)
+        dec.weights = np.array([0.0 if i == 2 else w for i, w in enumerate(dec.weights)])
+        dec.flagged = np.array([i == 2 for i in range(len(dec.weights))])
+        return dec
+
+    monkeypatch.setattr(core_mod, "screen", drop_c2)
+
+
+def test_purify_distils_the_dropped_model_towards_the_kept_ones_and_readmits_it(small_server_set, monkeypatch):
+    sds = small_server_set
+    d = H.make_defense(H.tiny_net(0), sds, screen={"min_clients": 3, "purify": True, "purify_weight": 0.5,
+                                                    "purify_steps": 3})
+    models = [H.tiny_net(s) for s in (1, 2, 3, 4)]
+    updates = [ClientUpdate(f"c{i}", np_state(m), float(10 * (i + 1))) for i, m in enumerate(models)]
+    _drop_c2(monkeypatch)
+    seen = {}
+    real_distill = d.distiller.distill
+
+    def spy(model, x, labels, teacher_logits, protos, cfg, self_logits=None):
+        seen.update(self_logits=self_logits, protos=protos, cfg=cfg)
+        return real_distill(model, x, labels, teacher_logits, protos, cfg, self_logits=self_logits)
+
+    monkeypatch.setattr(d.distiller, "distill", spy)
+    out = d.screen(4, np_state(H.tiny_net(0)), updates)
+    assert out.purified == [False, False, True, False]
+    assert out.flagged[2] and out.records[2]["purified"] is True
+    assert out.weights == [10.0, 20.0, 0.5 * 30.0, 40.0]
+    assert [out.states[i] is updates[i].state for i in range(4)] == [True, True, False, True]
+    assert any(not np.array_equal(out.states[2][k], updates[2].state[k]) for k in updates[2].state)
+    assert all(out.states[2][k].dtype == updates[2].state[k].dtype for k in updates[2].state)
+    # the anchor: the kept clients' example-weighted mean logits on each row's clean source; no PCL
+    src = torch.from_numpy(sds.source_index)
+    with torch.no_grad():
+        per_model = [m.eval()(d.x[src].float()) for m in models]
+    expected = (10 * per_model[0] + 20 * per_model[1] + 40 * per_model[3]) / 70
+    torch.testing.assert_close(seen["self_logits"], expected, atol=1e-5, rtol=1e-5)
+    assert seen["protos"] is None and seen["cfg"].lambda_pcl == 0.0 and seen["cfg"].steps == 3
+    assert out.info["purify"]["clients"][0]["purified"] is True
+
+
+def test_purify_keeps_a_model_that_diverges_dropped(small_server_set, monkeypatch):
+    d = H.make_defense(H.tiny_net(0), small_server_set, screen={"min_clients": 3, "purify": True, "purify_steps": 2})
+    updates = [ClientUpdate(f"c{i}", np_state(H.tiny_net(i + 1)), 10.0) for i in range(4)]
+    _drop_c2(monkeypatch)
+
+    def diverge(model, *a, **kw):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return {"total": float("nan")}
+
+    monkeypatch.setattr(d.distiller, "distill", diverge)
+    out = d.screen(1, np_state(H.tiny_net(0)), updates)
+    assert out.weights[2] == 0.0 and out.purified[2] is False and out.states[2] is updates[2].state
+    assert out.info["purify"]["clients"][0]["purified"] is False
+
+
+def test_purify_settings_are_checked():
+    from clipfed_strategy.config import CLIPFedConfig, CLIPFedConfigError, ScreeningConfig
+
+    with pytest.raises(CLIPFedConfigError, match="screen-purify-weight"):
+        ScreeningConfig(purify=True, purify_weight=0.0)
+    with pytest.raises(CLIPFedConfigError, match="screen-purify-steps"):
+        ScreeningConfig(purify_steps=-1)
+    with pytest.raises(CLIPFedConfigError, match="screen-mode"):
+        ScreeningConfig(purify=True, mode="soft")
+    cfg = CLIPFedConfig.from_run_config({"screen-purify": "true", "screen-purify-weight": 0.25, "screen-purify-steps": 5})
+    assert (cfg.screen.purify, cfg.screen.purify_weight, cfg.screen.purify_steps) == (True, 0.25, 5)

@@ -218,6 +218,27 @@ def test_soft_weights_reach_the_inner_strategy_unrounded(small_server_set, monke
     assert strategy.last_round_report["weights"] == {"c0": 50.0, "c1": 60.0, "c2": 0.3}
 
 
+def test_a_purified_client_is_aggregated_with_its_new_state_and_reported(small_server_set, monkeypatch):
+    """``screen-purify``: the adapter aggregates the purified state the core hands back (not the reply's)
+    and lists the client under ``purified``, not ``rejected``."""
+    strategy, proxies = legacy(small_server_set, 3, distill_enabled=False)
+    results = [(p, fit_res(benign_arrays(i), 50)) for i, p in enumerate(proxies)]
+    cleaned = {k: v * 0.5 if v.dtype.kind == "f" else v for k, v in zip(NAMES, benign_arrays(2))}
+
+    def fake_screen(server_round, global_state, updates):
+        states = [u.state for u in updates[:2]] + [cleaned]
+        return ScreeningOutcome([50.0, 50.0, 50.0], [False, False, True], [{"score": 0.0}] * 3, states, True, 0.0,
+                                purified=[False, False, True])
+
+    monkeypatch.setattr(strategy.defense, "screen", fake_screen)
+    params, _ = strategy.aggregate_fit(1, results, [])
+    k = NAMES.index("fc1.weight")
+    expected = (benign_arrays(0)[k].astype(np.float64) + benign_arrays(1)[k] + cleaned["fc1.weight"]) / 3
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[k], expected, rtol=1e-6, atol=1e-8)
+    report = strategy.last_round_report
+    assert report["purified"] == ["c2"] and report["rejected"] == [] and len(report["accepted"]) == 3
+
+
 def test_wraps_fedmedian(small_server_set):
     strategy = CLIPFedLegacy(FedMedian(min_fit_clients=5, min_available_clients=5),
                              H.make_defense(H.tiny_net(0), small_server_set, distill_enabled=False))

@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
+from clipfed_strategy.core import ClientUpdate
 from clipfed_strategy.message_api import CLIPFed
 from clipfed_strategy.validation import update_norm
 from flower_harness import FakeGrid, reply_message
@@ -221,6 +222,42 @@ def test_soft_mode_reweights_instead_of_dropping(digits_round):
     for k, v in expected.items():
         np.testing.assert_allclose(states_of(arrays)[k], v, rtol=1e-5, atol=1e-6)
     assert metrics["clipfed-accepted"] == 6 and metrics["clipfed-rejected"] == 0
+
+
+def test_purify_readmits_the_flagged_client_without_its_backdoor(digits_round):
+    """``screen-purify``: the flagged BadNets client is distilled towards the kept clients and aggregated
+    at full weight (no post-aggregation distillation here), and the aggregate carries no backdoor."""
+    fed, grid, replies = digits_round["fed"], digits_round["grid"], digits_round["replies"]
+    P = digits_fl()
+    strategy = configured(CLIPFed(fedavg(6), make_defense(P.make_cnn(), fed.server_set, distill_enabled=False,
+                                                          screen={"purify": True})),
+                          digits_round["initial"], 6)
+    arrays, metrics = strategy.aggregate_train(1, [clone(m) for m in replies])
+    report = strategy.last_round_report
+    backdoor = grid.node_ids[BACKDOOR]
+    assert report["purified"] == [backdoor] and report["rejected"] == [] and len(report["accepted"]) == 6
+    assert report["weights"][backdoor] == pytest.approx(len(fed.partitions[BACKDOOR]))
+
+    def asr_acc(arr):
+        model = P.make_cnn()
+        model.load_state_dict(arr.to_torch_state_dict())
+        return P.attack_success(model, fed.x_test, fed.y_test), P.accuracy(model, fed.x_test, fed.y_test)
+
+    agg_asr, agg_acc = asr_acc(arrays)
+    assert agg_asr < 0.1 and agg_acc > 0.8, (agg_asr, agg_acc)
+    # the readmitted model itself: the screening step's purified state against the client's own
+    reply = next(m for m in replies if m.metadata.src_node_id == backdoor)
+    raw_asr, raw_acc = asr_acc(reply.content["arrays"])
+    updates = [ClientUpdate(str(m.metadata.src_node_id), states_of(m.content["arrays"]),
+                            float(m.content["metrics"]["num-examples"])) for m in replies]
+    out = strategy.defense.screen(1, states_of(digits_round["initial"]), updates)
+    i = [u.client_id for u in updates].index(str(backdoor))
+    assert out.purified == [j == i for j in range(6)]
+    cleaned = P.make_cnn()
+    cleaned.load_state_dict({k: torch.from_numpy(v) for k, v in out.states[i].items()})
+    asr, acc = P.attack_success(cleaned, fed.x_test, fed.y_test), P.accuracy(cleaned, fed.x_test, fed.y_test)
+    assert raw_asr > 0.8, raw_asr
+    assert asr < raw_asr / 4 and acc > raw_acc - 0.05, (raw_asr, asr, raw_acc, acc)  # measured: ASR 1.00 -> 0.01, accuracy 0.81 -> 0.90
 
 
 def test_median_norm_clipping_clips_kept_updates(digits_round):

@@ -18,6 +18,11 @@ def test_detection_rates_against_ground_truth():
     tpr, fpr = detection_rates(decisions)
     assert tpr == 0.5 and fpr == 1 / 3
     assert detection_rates({"1": {"malicious": False, "rejected": False}}) == (None, 0.0)
+    # screen-purify: a flagged client that was purified and aggregated counts as detected
+    purified = {"1": {"malicious": True, "rejected": False, "purified": True},
+                "2": {"malicious": False, "rejected": False, "purified": True},
+                "3": {"malicious": False, "rejected": False, "purified": False}}
+    assert detection_rates(purified) == (1.0, 0.5)
 
 
 def test_recorder_rewrites_json_and_csv_every_round_and_plots(results_dir):
