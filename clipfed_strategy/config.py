@@ -82,7 +82,10 @@ class ScreeningConfig:
         clients' mean answers (gated by ``distill-self-gate``) and the teacher, for ``purify_steps``
         optimiser steps (0 = the distillation's own ``distill-steps`` / ``distill-epochs``), then
         aggregate it with ``purify_weight`` × its example count
-        (:meth:`clipfed_strategy.core.CLIPFedDefense.purify_flagged`). Needs ``mode="drop"``.
+        (:meth:`clipfed_strategy.core.CLIPFedDefense.purify_flagged`). Needs ``mode="drop"``. Measured
+        on CIFAR-10 (benchmarks/README.md, "Session 8"): it lets the backdoor back in (ASR 36–99 % with
+        the distillation's budget, 9–17 % with 150 steps at weight 0.25, against 3.5–4.7 % dropping),
+        for 0.3–1.0 points of MA; a research knob, not a safer default.
     """
 
     enabled: bool = True
