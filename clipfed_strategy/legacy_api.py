@@ -124,7 +124,8 @@ class CLIPFedLegacy(Strategy):
             log.warning("round %d: no result accepted (%d rejected): keeping the previous global model", server_round, len(rejected))
         t_end = time.perf_counter()
         seconds = {"screen": t_screen - t0, "aggregate": t_agg - t_screen, "distill": t_end - t_agg}
-        self.last_round_report = {"accepted": [p.cid for p, _ in kept], "rejected": sorted(rejected), "purified": purified, "scores": scores, "screening": details,
+        self.last_round_report = {"accepted": [p.cid for p, _ in kept], "rejected": sorted(rejected), "purified": purified,
+                                  "scores": scores, "screening": details,
                                   "weights": weights, "reasons": rejected, "seconds": seconds, "distill": dstats,
                                   "inversion": outcome.info.get("inversion"), "teacher": self.defense.teacher_info["label"]}
         for cid, reason in rejected.items():

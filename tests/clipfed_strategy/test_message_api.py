@@ -257,7 +257,8 @@ def test_purify_readmits_the_flagged_client_without_its_backdoor(digits_round):
     cleaned.load_state_dict({k: torch.from_numpy(v) for k, v in out.states[i].items()})
     asr, acc = P.attack_success(cleaned, fed.x_test, fed.y_test), P.accuracy(cleaned, fed.x_test, fed.y_test)
     assert raw_asr > 0.8, raw_asr
-    assert asr < raw_asr / 4 and acc > raw_acc - 0.05, (raw_asr, asr, raw_acc, acc)  # measured: ASR 1.00 -> 0.01, accuracy 0.81 -> 0.90
+    # measured: ASR 1.00 -> 0.01, accuracy 0.81 -> 0.90
+    assert asr < raw_asr / 4 and acc > raw_acc - 0.05, (raw_asr, asr, raw_acc, acc)
 
 
 def test_median_norm_clipping_clips_kept_updates(digits_round):
