@@ -313,15 +313,13 @@ class CLIPFedDefense:
         """
         cfg = self.config.screen
         t0 = time.perf_counter()
-        w = torch.as_tensor([float(v) for v in weights], dtype=torch.float32, device=logits.device)
-        keep = torch.nonzero(w > 0).flatten()
+        kept = sum(1 for v in weights if v > 0)
+        anchor = self._kept_mean_logits(logits, weights)
         targets = [i for i in finite if weights[i] <= 0 and records[i].get("flagged")]
-        if len(keep) == 0 or not targets:
+        if anchor is None or not targets:
             return {"clients": [], "seconds": time.perf_counter() - t0}
-        anchor = torch.einsum("k,knc->nc", w[keep] / w[keep].sum(), logits[keep, : len(self.y)].float())
         rows = self._distill_rows()
-        source_rows = self.src[rows]
-        teacher_rows = source_rows if self.config.distill_teacher_input == "clean" else rows
+        source_rows, teacher_rows = self._row_targets(rows)
         base = self.config.distill
         dcfg = dataclasses.replace(base, lambda_pcl=0.0, seed=base.seed + 7 * server_round + 1,
                                    steps=cfg.purify_steps if cfg.purify_steps > 0 else base.steps)
@@ -342,23 +340,29 @@ class CLIPFedDefense:
                 records[i] = {**records[i], "weight": weights[i], "purified": True}
             out.append({"index": i, "purified": ok, "loss": stats.get("total")})
         log.info("round %d: purified %d flagged client model(s) by distillation towards the %d kept ones (%.1fs)",
-                 server_round, sum(o["purified"] for o in out), len(keep), time.perf_counter() - t0)
+                 server_round, sum(o["purified"] for o in out), kept, time.perf_counter() - t0)
         return {"clients": out, "seconds": time.perf_counter() - t0}
 
     def _wants_ensemble(self) -> bool:
         c = self.config
         return c.distill_self_source == "ensemble" and c.distill_enabled and c.distill.lambda_self > 0
 
-    def _remember_ensemble(self, server_round: int, logits: torch.Tensor, weights: Sequence[float]) -> None:
-        """Keep the mean logits of the round's kept client models on every server row, weighted by their
-        screening weights (example counts; soft-mode weights), for ``distill-self-source="ensemble"``.
+    def _kept_mean_logits(self, logits: torch.Tensor, weights: Sequence[float]) -> torch.Tensor | None:
+        """The mean logits ``[N, C]`` of the kept client models (weight > 0) on every server row, weighted
+        by their screening weights (example counts; soft-mode weights); ``None`` when none was kept.
         Dropped and non-finite models have weight 0."""
         w = torch.as_tensor([float(v) for v in weights], dtype=torch.float32, device=logits.device)
         keep = torch.nonzero(w > 0).flatten()
         if len(keep) == 0:
-            return
+            return None
         w = w[keep] / w[keep].sum()
-        self._ensemble = (server_round, torch.einsum("k,knc->nc", w, logits[keep, : len(self.y)].float()))
+        return torch.einsum("k,knc->nc", w, logits[keep, : len(self.y)].float())
+
+    def _remember_ensemble(self, server_round: int, logits: torch.Tensor, weights: Sequence[float]) -> None:
+        """Keep the round's kept-client mean logits for ``distill-self-source="ensemble"``."""
+        mean = self._kept_mean_logits(logits, weights)
+        if mean is not None:
+            self._ensemble = (server_round, mean)
 
     def ensemble_logits(self, server_round: int) -> torch.Tensor | None:
         """The kept clients' mean logits ``[N, C]`` on the server rows remembered by this round's
@@ -445,8 +449,8 @@ class CLIPFedDefense:
         if not self.should_distill(server_round):
             return dict(state), {}
         rows = self._distill_rows()
-        x, source_rows = self.x[rows], self.src[rows]
-        teacher_rows = self.src[rows] if self.config.distill_teacher_input == "clean" else rows
+        x = self.x[rows]
+        source_rows, teacher_rows = self._row_targets(rows)
         probes = self._bank_probes() if self.config.invert.enabled else None
         if probes is not None:  # banked triggers stamped on clean rows; the targets are those of the clean source
             x = torch.cat([x, probes[0].to(x.dtype)])
@@ -478,6 +482,12 @@ class CLIPFedDefense:
                         server_round, stats.get("total"))
             return dict(state), {**stats, "non_finite": 1.0}
         return new_state, stats
+
+    def _row_targets(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For distillation rows: each row's clean source row, and the row whose teacher output is its
+        target (the clean source, or the row itself with ``distill-teacher-input="aug"``)."""
+        source_rows = self.src[rows]
+        return source_rows, source_rows if self.config.distill_teacher_input == "clean" else rows
 
     def _distill_rows(self) -> torch.Tensor:
         which = self.config.distill_data
