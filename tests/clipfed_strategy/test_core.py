@@ -328,17 +328,7 @@ def test_ensemble_self_anchor_is_the_kept_clients_weighted_mean(small_server_set
     d = H.make_defense(H.tiny_net(0), sds, distill_self_source="ensemble", screen={"min_clients": 3})
     models = [H.tiny_net(s) for s in (1, 2, 3, 4)]
     updates = [ClientUpdate(f"c{i}", np_state(m), float(10 * (i + 1))) for i, m in enumerate(models)]
-    # the decision itself is not under test here: drop client c2 by hand
-    import clipfed_strategy.core as core_mod
-
-    real_screen = core_mod.screen
-
-    def drop_c2(scores, *a, **kw):
-        dec = real_screen(scores, *a, **kw)
-        dec.weights = np.array([0.0 if i == 2 else w for i, w in enumerate(dec.weights)])
-        return dec
-
-    monkeypatch.setattr(core_mod, "screen", drop_c2)
+    _drop_c2(monkeypatch)
     outcome = d.screen(7, np_state(H.tiny_net(0)), updates)
     assert outcome.weights[2] == 0.0 and all(outcome.weights[i] > 0 for i in (0, 1, 3))
     seen = {}
